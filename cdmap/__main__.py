@@ -1,0 +1,3 @@
+from cdmap.cli import main
+
+main()

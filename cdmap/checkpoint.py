@@ -1,0 +1,205 @@
+"""The cdmap checkpoint: one file format, data only, loaded with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict of tensors and plain containers (str, int, float, bool, list, dict, None)::
+
+    format            "cdmap-checkpoint"
+    format_version    int, FORMAT_VERSION when written
+    model_config      ModelConfig.to_dict()
+    state_dict        {name: tensor}
+    normalization     {"mean": [float per band], "std": [float per band]}: x_norm = (x - mean) / std
+    tile_size         int, the training crop size (predict's default window)
+    threshold         float, decision threshold on P(change)
+    metrics           {name: float}, e.g. validation F1 of the best epoch
+    provenance        {"cdmap_version", "torch_version", "created", ...}
+    training_state    optional dict for exact resume (optimiser, scheduler, RNG, ...), plain containers only
+
+Anything else (a pickled object, a truncated file, a newer format) is refused with a :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdmap._version import __version__
+from cdmap.errors import CheckpointError, OutputError
+from cdmap.models.config import ModelConfig
+
+FORMAT = "cdmap-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """An FSG-Net's weights with everything needed to use them correctly."""
+
+    model_config: ModelConfig
+    state_dict: dict[str, Any]
+    mean: list[float]
+    std: list[float]
+    tile_size: int = 256
+    threshold: float = 0.5
+    metrics: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    training_state: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        bands = self.model_config.in_channels
+        if len(self.mean) != bands or len(self.std) != bands:
+            raise ValueError(f"normalization needs {bands} mean/std values, got {len(self.mean)}/{len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("normalization std values must be > 0")
+
+    @property
+    def in_channels(self) -> int:
+        return self.model_config.in_channels
+
+    def to_payload(self) -> dict[str, Any]:
+        import torch
+
+        prov = {
+            "cdmap_version": __version__,
+            "torch_version": torch.__version__.split("+")[0],
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        prov.update(self.provenance)
+        payload: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_config": self.model_config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
+            "normalization": {"mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std]},
+            "tile_size": int(self.tile_size),
+            "threshold": float(self.threshold),
+            "metrics": {k: float(v) for k, v in self.metrics.items()},
+            "provenance": prov,
+        }
+        if self.training_state is not None:
+            payload["training_state"] = self.training_state
+        return payload
+
+    def build_model(self, device: str | None = None):
+        """Return the FSG-Net with these weights, in eval mode."""
+        from cdmap.models import FSGNet
+
+        model = FSGNet(self.model_config)
+        model.load_state_dict(self.state_dict)
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data description (what ``cdmap info`` prints)."""
+        n_params = sum(int(v.numel()) for k, v in self.state_dict.items() if _is_parameter_key(k))
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_config": self.model_config.to_dict(),
+            "parameters": n_params,
+            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "tile_size": self.tile_size,
+            "threshold": self.threshold,
+            "metrics": dict(self.metrics),
+            "provenance": dict(self.provenance),
+            "has_training_state": self.training_state is not None,
+        }
+
+
+def _is_parameter_key(key: str) -> bool:
+    return not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
+    """Write ``ckpt`` atomically (temporary name, then rename) and return the path."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt.to_payload(), tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write checkpoint: {exc.strerror or exc}", path) from exc
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Checkpoint:
+    """Load a cdmap checkpoint, refusing anything that is not one (one-line :class:`CheckpointError`)."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("checkpoint not found", path)
+    if path.is_dir():
+        raise CheckpointError("is a directory, not a checkpoint file", path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint: {exc.strerror or exc}", path) from exc
+    if not data.startswith(b"PK"):
+        raise CheckpointError("not a cdmap checkpoint (not a PyTorch zip archive)", path)
+    if not _zip_complete(data):
+        raise CheckpointError("checkpoint is truncated or corrupt (incomplete zip archive)", path)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            "refusing to load: the file carries pickled Python objects (possible code), not plain data", path
+        ) from exc
+    except Exception as exc:  # torch raises RuntimeError/EOFError/etc. for damaged archives
+        raise CheckpointError(f"checkpoint is truncated or corrupt ({type(exc).__name__})", path) from exc
+    return _from_payload(payload, path)
+
+
+def _zip_complete(data: bytes) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return zf.testzip() is None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError):
+        return False
+
+
+def _from_payload(payload: Any, path: Path) -> Checkpoint:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError("not a cdmap checkpoint (no cdmap format marker)", path)
+    version = payload.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError("not a cdmap checkpoint (format version missing)", path)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"written by a newer cdmap (format {version}, this cdmap reads up to {FORMAT_VERSION}); upgrade cdmap",
+            path,
+        )
+    try:
+        norm = payload["normalization"]
+        return Checkpoint(
+            model_config=ModelConfig.from_dict(payload["model_config"]),
+            state_dict=payload["state_dict"],
+            mean=[float(m) for m in norm["mean"]],
+            std=[float(s) for s in norm["std"]],
+            tile_size=int(payload["tile_size"]),
+            threshold=float(payload["threshold"]),
+            metrics=dict(payload.get("metrics", {})),
+            provenance=dict(payload.get("provenance", {})),
+            training_state=payload.get("training_state"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"cdmap checkpoint is missing or has a bad field ({exc})", path) from exc
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file (recorded as the checkpoint hash in outputs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,106 @@
+"""The Typer application and the error-to-exit-code mapping shared by every command.
+
+Command modules import the library lazily inside each command so that ``cdmap --help`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from cdmap._version import __version__
+
+app = typer.Typer(
+    name="cdmap",
+    help="Map change between two co-registered GeoTIFF scenes with FSG-Net.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"verbose": False}
+
+
+def verbose() -> bool:
+    """True when ``--verbose`` was given (tracebacks are shown)."""
+    return _state["verbose"]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"cdmap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+    verbose_flag: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
+) -> None:
+    """cdmap: change maps, masks and polygons from two GeoTIFF scenes."""
+    _state["verbose"] = verbose_flag or _state["verbose"]
+
+
+def fail(message: str, code: int) -> None:
+    """Print one error line on stderr and exit with ``code``."""
+    typer.echo(f"cdmap: error: {message}", err=True)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the app and turns exceptions into one line and an exit code."""
+    import click
+
+    from cdmap import errors
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in args or "-v" in args or os.environ.get("CDMAP_VERBOSE"):
+        _state["verbose"] = True
+    _register_commands()
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="cdmap", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:
+        fail("interrupted", errors.EXIT_SIGINT)
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except errors.CdmapError as exc:
+        if _state["verbose"]:
+            import traceback
+
+            traceback.print_exc()
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted by SIGINT", errors.EXIT_SIGINT)
+    except Exception as exc:  # noqa: BLE001 - last-resort mapping to exit code 1
+        if _state["verbose"]:
+            import traceback
+
+            traceback.print_exc()
+        fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose for a traceback)", 1)
+
+
+_registered = False
+
+
+def _register_commands() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    import importlib
+
+    for name in ("info", "predict", "vectorize", "train", "demo"):
+        try:
+            importlib.import_module(f"cdmap.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"cdmap.cli.{name}":
+                raise
