@@ -1,0 +1,305 @@
+"""GeoTIFF writing for the predict pipeline: tiled, compressed, strip by strip, with overviews.
+
+Rows arrive top to bottom in full-width strips (heights multiples of 512 but the last), so with 512-pixel
+tiles every strip completes whole rows of tiles and GDAL writes each tile once.
+
+Defaults (each can be overridden by ``creation_options``, GDAL's ``--co NAME=VALUE``): ``TILED=YES``,
+``BLOCKXSIZE=BLOCKYSIZE=512`` (the raster's size rounded up to 16 when it is smaller than 512 both ways),
+``COMPRESS=DEFLATE`` with ``PREDICTOR=2`` for integers and ``3`` for floats, ``BIGTIFF=IF_SAFER`` and
+``NUM_THREADS=ALL_CPUS``. A creation option GDAL rejects or ignores raises :class:`UsageError`; any
+failure while writing (disk full, permissions) raises :class:`OutputError` naming the file.
+
+:func:`to_cog` and :func:`validate_cog` live in :mod:`cdmap.raster.cog` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from cdmap.errors import OutputError, UsageError
+from cdmap.raster.cog import to_cog, validate_cog
+
+try:
+    from rasterio._err import CPLE_BaseError
+except ImportError:  # pragma: no cover
+    CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
+
+__all__ = ["RasterWriter", "to_cog", "validate_cog", "default_creation_options", "overview_factors",
+           "BLOCK_SIZE"]
+
+BLOCK_SIZE = 512
+_WRITE_ERRORS = (OSError, RasterioError, CPLE_BaseError)
+_GDAL_LOGGER = "rasterio._env"
+_capture_lock = threading.Lock()
+
+
+def _err_text(exc: BaseException) -> str:
+    parts: list[str] = []
+    cur: BaseException | None = exc
+    seen: set[int] = set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.strerror:
+            text = cur.strerror
+        else:
+            text = " ".join(str(cur).split())
+        if text and "See previous exception" not in text and text not in parts:
+            parts.append(text)
+        cur = cur.__cause__ or cur.__context__
+    return "; ".join(parts) or type(exc).__name__
+
+
+def _is_float(dtype: Any) -> bool:
+    return np.dtype(dtype).kind == "f"
+
+
+def default_creation_options(width: int, height: int, dtype: Any) -> dict[str, str]:
+    """cdmap's default GTiff creation options for a raster of this size and dtype."""
+    if width >= BLOCK_SIZE or height >= BLOCK_SIZE:
+        bx = by = BLOCK_SIZE
+    else:
+        bx = by = max(16, -(-max(width, height) // 16) * 16)
+    return {
+        "TILED": "YES",
+        "BLOCKXSIZE": str(bx),
+        "BLOCKYSIZE": str(by),
+        "COMPRESS": "DEFLATE",
+        "PREDICTOR": "3" if _is_float(dtype) else "2",
+        "BIGTIFF": "IF_SAFER",
+        "NUM_THREADS": "ALL_CPUS",
+    }
+
+
+def merge_creation_options(defaults: dict[str, str], user: dict[str, str] | None) -> dict[str, str]:
+    """Defaults overridden by the user's options (names case-insensitive).
+
+    A user compression without a predictor (NONE, JPEG, WEBP, LERC...) drops the default predictor.
+    """
+    opts = {k.upper(): str(v) for k, v in defaults.items()}
+    user_opts = {str(k).upper(): str(v) for k, v in (user or {}).items()}
+    opts.update(user_opts)
+    if "PREDICTOR" not in user_opts and opts.get("COMPRESS", "").upper() not in ("DEFLATE", "LZW", "ZSTD"):
+        opts.pop("PREDICTOR", None)
+    return opts
+
+
+def overview_factors(width: int, height: int, block: int = BLOCK_SIZE) -> list[int]:
+    """Overview factors 2, 4, 8... until the overview fits in one block (GDAL COG driver's rule)."""
+    factors: list[int] = []
+    f = 2
+    while max(width, height) / (f // 2) > block and min(width, height) // f >= 1:
+        factors.append(f)
+        f *= 2
+    return factors
+
+
+class _GdalWarnings(logging.Handler):
+    """Collects GDAL warnings that rasterio logs while a dataset is created."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def capture_option_warnings() -> Iterator[list[str]]:
+    """Yield a list filled with GDAL's complaints about creation options during the block."""
+    logger = logging.getLogger(_GDAL_LOGGER)
+    handler = _GdalWarnings()
+    with _capture_lock:
+        old_level = logger.level
+        if logger.getEffectiveLevel() > logging.WARNING:
+            logger.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+        found: list[str] = []
+        try:
+            yield found
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            found.extend(m for m in handler.messages
+                         if "creation option" in m or "not recognised" in m or "not recognized" in m
+                         or "unexpected value" in m)
+
+
+def option_error(exc: BaseException, opts: dict[str, str]) -> bool:
+    """True when a GDAL failure names one of ``opts`` (a bad creation option rather than an I/O problem)."""
+    text = _err_text(exc).upper()
+    return any(f"{k}=" in text or f"{k} " in text for k in opts)
+
+
+class RasterWriter:
+    """A tiled GeoTIFF written strip by strip; use as a context manager.
+
+    ``scale``/``offset`` are stored as GDAL band scale/offset (value = raw * scale + offset), ``tags`` as
+    dataset metadata (non-string values JSON-encoded), ``description`` as the band description(s).
+    ``mask_band=True`` adds an internal per-dataset mask written with :meth:`write_mask_rows` (for
+    outputs without a nodata value).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        width: int,
+        height: int,
+        crs: Any,
+        transform: Any,
+        dtype: Any,
+        nodata: float | None,
+        count: int = 1,
+        creation_options: dict[str, str] | None = None,
+        tags: dict | None = None,
+        scale: float | None = None,
+        offset: float | None = None,
+        description: str | None = None,
+        mask_band: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.width, self.height, self.count = int(width), int(height), int(count)
+        self.dtype = np.dtype(dtype)
+        self.mask_band = mask_band
+        self.creation_options = merge_creation_options(
+            default_creation_options(self.width, self.height, self.dtype), creation_options)
+        self._rows_written = 0
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise OutputError("cannot create raster: its folder does not exist", self.path)
+        profile = dict(driver="GTiff", width=self.width, height=self.height, count=self.count,
+                       dtype=self.dtype.name, crs=crs, transform=transform, nodata=nodata)
+        try:
+            with capture_option_warnings() as complaints:
+                self._ds = rasterio.open(self.path, "w", **profile, **self.creation_options)
+        except _WRITE_ERRORS as exc:
+            if option_error(exc, self.creation_options):
+                raise UsageError(f"bad creation option: {_err_text(exc)}", self.path) from exc
+            raise OutputError(f"cannot create raster: {_err_text(exc)}", self.path) from exc
+        if complaints:
+            self._ds.close()
+            self._remove()
+            raise UsageError(f"bad creation option: {complaints[0]}", self.path)
+        try:
+            if scale is not None or offset is not None:
+                self._ds.scales = [1.0 if scale is None else float(scale)] * self.count
+                self._ds.offsets = [0.0 if offset is None else float(offset)] * self.count
+            if tags:
+                self._ds.update_tags(**{str(k): v if isinstance(v, str) else json.dumps(v, default=str)
+                                        for k, v in tags.items()})
+            if description:
+                for i in range(1, self.count + 1):
+                    self._ds.set_band_description(i, description)
+        except _WRITE_ERRORS as exc:
+            self._abort()
+            raise OutputError(f"cannot write raster metadata: {_err_text(exc)}", self.path) from exc
+
+    # -- writing
+
+    def _window(self, row_off: int, rows: int) -> Window:
+        if row_off < 0 or rows < 1 or row_off + rows > self.height:
+            raise ValueError(f"rows {row_off}:{row_off + rows} outside a raster of {self.height} rows")
+        return Window(0, row_off, self.width, rows)
+
+    def write_rows(self, row_off: int, array: np.ndarray) -> None:
+        """Write full-width rows starting at ``row_off``: 2-D for one band, else (count, rows, width)."""
+        array = np.asarray(array)
+        if array.ndim == 2:
+            array = array[None]
+        if array.ndim != 3 or array.shape[0] != self.count or array.shape[2] != self.width:
+            raise ValueError(f"expected ({self.count}, rows, {self.width}) rows, got {array.shape}")
+        window = self._window(row_off, array.shape[1])
+        try:
+            self._ds.write(array.astype(self.dtype, copy=False), window=window)
+        except _WRITE_ERRORS as exc:
+            raise OutputError(f"cannot write rows {row_off}-{row_off + array.shape[1] - 1}: "
+                              f"{_err_text(exc)}", self.path) from exc
+        self._rows_written = max(self._rows_written, row_off + array.shape[1])
+
+    def write_mask_rows(self, row_off: int, valid: np.ndarray) -> None:
+        """Write the internal mask (True/nonzero = valid) for full-width rows; needs ``mask_band=True``."""
+        if not self.mask_band:
+            raise ValueError("this RasterWriter was created without mask_band=True")
+        valid = np.asarray(valid)
+        if valid.ndim != 2 or valid.shape[1] != self.width:
+            raise ValueError(f"expected (rows, {self.width}) mask rows, got {valid.shape}")
+        window = self._window(row_off, valid.shape[0])
+        try:
+            self._ds.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
+        except _WRITE_ERRORS as exc:
+            raise OutputError(f"cannot write mask rows {row_off}-{row_off + valid.shape[0] - 1}: "
+                              f"{_err_text(exc)}", self.path) from exc
+
+    def build_overviews(self, resampling: str = "nearest") -> list[int]:
+        """Add internal overviews (factors 2, 4, ... until one block); ``nearest`` for masks, ``average`` for
+        probabilities. Call after all rows are written. Returns the factors."""
+        try:
+            method = Resampling[resampling]
+        except KeyError:
+            raise UsageError(f"unknown overview resampling {resampling!r}") from None
+        factors = overview_factors(self.width, self.height, BLOCK_SIZE)
+        if not factors:
+            return []
+        block = self.creation_options.get("BLOCKXSIZE", str(BLOCK_SIZE))
+        try:
+            with rasterio.Env(GDAL_TIFF_OVR_BLOCKSIZE=block):
+                self._ds.build_overviews(factors, method)
+                self._ds.update_tags(ns="rio_overview", resampling=resampling)
+        except _WRITE_ERRORS as exc:
+            raise OutputError(f"cannot build overviews: {_err_text(exc)}", self.path) from exc
+        return factors
+
+    # -- closing
+
+    def close(self) -> None:
+        """Flush and close; write errors surface here as :class:`OutputError`. Idempotent."""
+        ds, self._ds = getattr(self, "_ds", None), None
+        if ds is None:
+            return
+        try:
+            ds.close()
+        except _WRITE_ERRORS as exc:
+            raise OutputError(f"cannot finish writing raster: {_err_text(exc)}", self.path) from exc
+
+    def _abort(self) -> None:
+        try:
+            self.close()
+        except OutputError:
+            pass
+
+    def _remove(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return getattr(self, "_ds", None) is None
+
+    def __enter__(self) -> RasterWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+    def __repr__(self) -> str:
+        return f"RasterWriter({str(self.path)!r}, {self.width}x{self.height}x{self.count} {self.dtype.name})"
