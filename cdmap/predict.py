@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -195,6 +196,27 @@ class _Blocked:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
 
 
+_fault_lock = threading.Lock()
+_fault_counts: dict[str, int] = {}
+
+
+def _fault_point(phase: str) -> None:
+    """Test hook: with ``CDMAP_FAULT_INJECT=phase:N`` the process SIGKILLs itself at the N-th ``phase`` point.
+
+    Used by the resume tests to stop a run at exact places (read, strip, assemble, vectorize, commit).
+    """
+    spec = os.environ.get("CDMAP_FAULT_INJECT")
+    if not spec:
+        return
+    want, _, n = spec.partition(":")
+    if want != phase:
+        return
+    with _fault_lock:
+        _fault_counts[phase] = _fault_counts.get(phase, 0) + 1
+        if _fault_counts[phase] >= int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _say(opts: PredictOptions, msg: str) -> None:
     if not opts.quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -254,7 +276,7 @@ def predict_scene(
         grid = WindowGrid(pair.height, pair.width, tile, overlap)
         finals = output_paths(outdir, opts.vector_format)
         workdir = outdir / WORKDIR_NAME
-        _prepare_outdir(outdir, finals, opts)
+        _prepare_outdir(outdir, finals, opts, resuming=opts.resume and (workdir / "journal.jsonl").is_file())
         timings["preflight_s"] = time.perf_counter() - t_start
 
         manifest = {
@@ -263,15 +285,10 @@ def predict_scene(
             "inputs_stat": [_stat_key(before), _stat_key(after)],
             "checkpoint_sha256": ckpt_hash,
             "grid": [pair.height, pair.width, tile, overlap],
-            "bands": opts.bands,
-            "align": opts.align,
-            "resampling": opts.resampling,
-            "prob_dtype": opts.prob_dtype,
-            "batch_size": opts.batch_size,
-            "precision": opts.precision,
-            "device": opts.device,
+            "threshold": threshold,
             "cdmap_version": __version__,
         }
+        manifest.update({k: v for k, v in asdict(opts).items() if k not in _NOT_IN_MANIFEST})
         journal = _open_journal(workdir, manifest, opts)
         t0 = time.perf_counter()
         with _SignalGuard():
@@ -289,14 +306,19 @@ def predict_scene(
     return result
 
 
+# options that do not change any output byte may differ between an interrupted run and its resume
+_NOT_IN_MANIFEST = {"quiet", "overwrite", "resume", "workers", "tile_size", "overlap", "threshold"}
+
+
 def _stat_key(path) -> list:
     st = Path(path).stat()
     return [st.st_size, st.st_mtime_ns]
 
 
-def _prepare_outdir(outdir: Path, finals: dict[str, Path], opts: PredictOptions) -> None:
+def _prepare_outdir(outdir: Path, finals: dict[str, Path], opts: PredictOptions, resuming: bool = False) -> None:
     existing = [p for p in finals.values() if p.exists()]
-    if existing and not opts.overwrite:
+    # a resumed run may replace outputs that its own interrupted final renaming left behind
+    if existing and not opts.overwrite and not (resuming and not finals["run"].exists()):
         raise OutputError(f"output exists and won't be overwritten without --overwrite ({existing[0].name})",
                           outdir)
     try:
@@ -366,6 +388,7 @@ def _compute(pair, grid: WindowGrid, ckpt: Checkpoint, journal: Journal, opts: P
     last_stats = BlendStats()
 
     def read_tile(w):
+        _fault_point("read")
         r0, c0, r1, c1 = w.clip(grid.height, grid.width)
         a, b, valid = pair.read(r0, c0, r1 - r0, c1 - c0)
         if not valid.any():
@@ -426,6 +449,7 @@ def _compute(pair, grid: WindowGrid, ckpt: Checkpoint, journal: Journal, opts: P
                     last_stats = BlendStats(**stitcher.stats.to_dict())
                     data, valid = _quantise(strip.prob, opts.prob_dtype)
                     journal.record_strip(strip.grid_row, strip.row0, strip.row1, data, valid, delta.to_dict())
+                    _fault_point("strip")
 
     from cdmap.progress import Progress
 
@@ -486,7 +510,7 @@ def change_mask(data: np.ndarray, valid: np.ndarray, threshold: float, prob_dtyp
     --threshold T`` reproduces it exactly.
     """
     p = data.astype(np.float64) * (1.0 / 255.0) if prob_dtype == "uint8" else data.astype(np.float64)
-    mask = (p >= threshold).astype(np.uint8)
+    mask = (p >= threshold - 1e-9).astype(np.uint8)  # same tolerance as cdmap.vectorize for k/255 levels
     mask[~valid] = MASK_NODATA
     return mask
 
@@ -541,6 +565,7 @@ def _assemble(pair, grid, journal: Journal, finals, opts: PredictOptions, comput
                     if is_u8:
                         prob_w.write_mask_rows(buf_row, v[:n])
                     mask_w.write_rows(buf_row, m)
+                    _fault_point("assemble")
                     is_change = m == 1
                     changed_px += int(is_change.sum())
                     valid_px += int(v[:n].sum())
@@ -567,8 +592,10 @@ def _assemble(pair, grid, journal: Journal, finals, opts: PredictOptions, comput
             from cdmap.vectorize import vectorize_raster
 
             t_v = time.perf_counter()
+            _fault_point("vectorize")
             vec_dir = work / "vector"
-            vec_dir.mkdir(exist_ok=True)
+            shutil.rmtree(vec_dir, ignore_errors=True)  # leftovers of an interrupted run
+            vec_dir.mkdir()
             tmp_vec = vec_dir / finals["vectors"].name
             vec_stats = vectorize_raster(tmp["mask"], tmp_vec, prob_raster=tmp["probability"],
                                          min_area=opts.min_area, simplify=opts.simplify,
@@ -613,6 +640,7 @@ def _assemble(pair, grid, journal: Journal, finals, opts: PredictOptions, comput
             moves.append((tmp_run, finals["run"]))  # last: run.json marks a complete run
             for src, dst in moves:
                 os.replace(src, dst)
+                _fault_point("commit")
             journal.remove()
     except OSError as exc:
         raise OutputError(f"cannot write outputs: {exc.strerror or exc}", journal.workdir.parent) from exc
