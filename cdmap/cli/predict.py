@@ -50,7 +50,7 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
     bands: str | None = typer.Option(None, "--bands", help="Bands to use, 1-based, e.g. 3,2,1."),
-    threshold: float | None = typer.Option(None, "--threshold", help="P(change) threshold (default: the checkpoint's)."),
+    threshold: float | None = typer.Option(None, "--threshold", help="P(change) threshold (default: checkpoint's)."),
     min_area: float = typer.Option(0.0, "--min-area", help="Drop polygons smaller than this (m²)."),
     simplify: float = typer.Option(0.0, "--simplify", help="Simplification tolerance (m)."),
     prob_dtype: str = typer.Option("uint8", "--prob-dtype", help="uint8 (0-255, scale 1/255) or float32."),
