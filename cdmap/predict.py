@@ -291,7 +291,9 @@ def predict_scene(
         manifest.update({k: v for k, v in asdict(opts).items() if k not in _NOT_IN_MANIFEST})
         journal = _open_journal(workdir, manifest, opts)
         t0 = time.perf_counter()
-        with _SignalGuard():
+        import rasterio
+
+        with _SignalGuard(), rasterio.Env(GDAL_CACHEMAX=_gdal_cache_mb(pair, tile)):
             compute = _compute(pair, grid, ckpt, journal, opts)
             timings["compute_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -308,6 +310,16 @@ def predict_scene(
 
 # options that do not change any output byte may differ between an interrupted run and its resume
 _NOT_IN_MANIFEST = {"quiet", "overwrite", "resume", "workers", "tile_size", "overlap", "threshold"}
+
+
+def _gdal_cache_mb(pair, tile: int) -> int:
+    """GDAL block cache sized to the scene width (two rows of windows of both dates and the outputs).
+
+    GDAL's default (5% of RAM) would let the cache, and so memory, grow with the scene area up to that cap.
+    """
+    block_h = max(pair.block_shape()[0], tile)
+    per_row = pair.width * block_h * max(pair.count, 1) * 4 * 2  # both dates, up to 4-byte samples
+    return int(min(max(64, 2 * per_row / 2**20), 4096))
 
 
 def _stat_key(path) -> list:
