@@ -1,0 +1,43 @@
+"""cdmap: change maps, masks and polygons from two co-registered GeoTIFF scenes with FSG-Net.
+
+The public functions are imported lazily so that ``import cdmap`` (and ``cdmap --help``) stays fast:
+
+- :func:`cdmap.predict_scene` (``cdmap predict``)
+- :func:`cdmap.vectorize_raster` (``cdmap vectorize``)
+- :func:`cdmap.train` (``cdmap train``)
+- :func:`cdmap.evaluate_tiles`, :func:`cdmap.evaluate_scene` (``cdmap evaluate``)
+- :func:`cdmap.load_checkpoint`, :func:`cdmap.save_checkpoint`, :class:`cdmap.Checkpoint`
+- :class:`cdmap.FSGNet`, :class:`cdmap.ModelConfig`
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from cdmap._version import __version__
+
+_EXPORTS = {
+    "predict_scene": "cdmap.predict",
+    "PredictOptions": "cdmap.predict",
+    "PredictResult": "cdmap.predict",
+    "vectorize_raster": "cdmap.vectorize",
+    "train": "cdmap.train",
+    "TrainConfig": "cdmap.train",
+    "evaluate_tiles": "cdmap.evaluate",
+    "evaluate_scene": "cdmap.evaluate",
+    "load_checkpoint": "cdmap.checkpoint",
+    "save_checkpoint": "cdmap.checkpoint",
+    "Checkpoint": "cdmap.checkpoint",
+    "FSGNet": "cdmap.models",
+    "ModelConfig": "cdmap.models.config",
+    "open_pair": "cdmap.raster.pair",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'cdmap' has no attribute {name!r}")
