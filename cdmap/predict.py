@@ -116,6 +116,15 @@ def _check_options(o: PredictOptions) -> None:
         raise UsageError(f"--align must be auto or strict, not {o.align!r}")
 
 
+def _check_tile_options(tile: int, overlap: int) -> None:
+    if tile < 32:
+        raise UsageError(f"--tile-size {tile} is too small (minimum 32)")
+    if overlap < 0:
+        raise UsageError(f"--overlap {overlap} must be >= 0")
+    if overlap >= tile:
+        raise UsageError(f"--overlap {overlap} must be smaller than the tile size {tile}")
+
+
 def resolve_device(name: str):
     """``auto`` -> cuda when available, else cpu; validates ``cuda[:N]``."""
     import torch
@@ -261,8 +270,9 @@ def predict_scene(
             h.update(ckpt.state_dict[k].detach().cpu().contiguous().numpy().tobytes())
         ckpt_hash = h.hexdigest()
         del torch
-    tile = opts.tile_size or ckpt.tile_size
+    tile = ckpt.tile_size if opts.tile_size is None else opts.tile_size
     overlap = default_overlap(tile) if opts.overlap is None else opts.overlap
+    _check_tile_options(tile, overlap)
     threshold = ckpt.threshold if opts.threshold is None else opts.threshold
     outdir = Path(outdir)
 
@@ -289,6 +299,7 @@ def predict_scene(
             "cdmap_version": __version__,
         }
         manifest.update({k: v for k, v in asdict(opts).items() if k not in _NOT_IN_MANIFEST})
+        _check_free_space(outdir, pair.height * pair.width, opts)
         journal = _open_journal(workdir, manifest, opts)
         t0 = time.perf_counter()
         import rasterio
@@ -333,6 +344,8 @@ def _prepare_outdir(outdir: Path, finals: dict[str, Path], opts: PredictOptions,
     if existing and not opts.overwrite and not (resuming and not finals["run"].exists()):
         raise OutputError(f"output exists and won't be overwritten without --overwrite ({existing[0].name})",
                           outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputError("output path exists and is not a directory", outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
         probe = outdir / f".cdmap-write-test-{os.getpid()}"
@@ -340,6 +353,20 @@ def _prepare_outdir(outdir: Path, finals: dict[str, Path], opts: PredictOptions,
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"output directory is not writable ({exc.strerror or exc})", outdir) from exc
+
+
+def _check_free_space(outdir: Path, pixels: int, opts: PredictOptions) -> None:
+    """Refuse before any compute when the disk clearly cannot hold the journal strips and the outputs."""
+    bytes_px = 1 if opts.prob_dtype == "uint8" else 4
+    # strips are stored uncompressed (+1 bit validity); rasters and polygons compress, assume half
+    need = pixels * (bytes_px + 0.125) + pixels * (bytes_px + 1) * 0.5
+    try:
+        free = shutil.disk_usage(outdir).free
+    except OSError:
+        return
+    if free < need:
+        raise OutputError(f"not enough free space: about {need / 2**20:.0f} MiB needed, "
+                          f"{free / 2**20:.0f} MiB free (No space left on device)", outdir)
 
 
 def _open_journal(workdir: Path, manifest: dict, opts: PredictOptions) -> Journal:

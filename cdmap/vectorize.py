@@ -674,7 +674,7 @@ class _Writer:
                 self.tmp.mkdir()
             _write_dataframe(gdf, self.target, {**self.kwargs, "append": self.created})
         except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
-            raise OutputError(f"cannot write ({exc})", path=self.output) from None
+            raise OutputError(f"cannot write ({_short_error(exc)})", path=self.output) from None
         self.created = True
 
     def _frame(self, records: dict[str, np.ndarray]) -> Any:
@@ -716,7 +716,7 @@ class _Writer:
             else:
                 os.replace(self.tmp, output)
         except (OSError, pyogrio.errors.DataSourceError) as exc:
-            raise OutputError(f"cannot write ({exc})", path=output) from None
+            raise OutputError(f"cannot write ({_short_error(exc)})", path=output) from None
 
     def cleanup(self) -> None:
         """Remove the temporary file or folder if it is still there (failure or interruption)."""
@@ -885,3 +885,12 @@ def _check_same_grid(src: _Source, probs: _Source) -> None:
         raise IncompatibleInputsError(
             f"probability raster is not on the same grid (CRS/transform) as {src.path}", path=probs.path
         )
+
+
+def _short_error(exc: BaseException, limit: int = 300) -> str:
+    """The useful end of a driver error (GPKG errors embed whole SQL statements)."""
+    text = " ".join(str(exc).split())
+    low = text.lower()
+    if "disk is full" in low or "no space left" in low or getattr(exc, "errno", None) == 28:
+        return "No space left on device"
+    return text if len(text) <= limit else "..." + text[-limit:]

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     from cdmap import errors
 
     args = list(sys.argv[1:] if argv is None else argv)
+    _state["verbose"] = False
     if "--verbose" in args or "-v" in args or os.environ.get("CDMAP_VERBOSE"):
         _state["verbose"] = True
     _register_commands()

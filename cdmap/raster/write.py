@@ -62,6 +62,16 @@ def _err_text(exc: BaseException) -> str:
     return "; ".join(parts) or type(exc).__name__
 
 
+def _free_space_note(path: Path) -> str:
+    import shutil
+
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return ""
+    return " (No space left on device)" if free < 1 << 20 else ""
+
+
 def _is_float(dtype: Any) -> bool:
     return np.dtype(dtype).kind == "f"
 
@@ -274,6 +284,19 @@ class RasterWriter:
             ds.close()
         except _WRITE_ERRORS as exc:
             raise OutputError(f"cannot finish writing raster: {_err_text(exc)}", self.path) from exc
+        self._verify()
+
+    def _verify(self) -> None:
+        """Reopen and read the last block: rasterio does not report a failed GDALClose (e.g. disk full)."""
+        try:
+            with rasterio.open(self.path) as ds:
+                bh, bw = ds.block_shapes[0]
+                row = max(0, ds.height - bh)
+                col = max(0, ds.width - bw)
+                ds.read(1, window=Window(col, row, min(bw, ds.width), min(bh, ds.height)))
+        except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+            free = _free_space_note(self.path)
+            raise OutputError(f"cannot finish writing raster, the file is unreadable{free}", self.path) from exc
 
     def _abort(self) -> None:
         try:
