@@ -51,12 +51,12 @@ def model_only(ckpt_path: Path, tile: int, batch: int, n_windows: int, sample: i
     import torch
 
     from cdmap.checkpoint import load_checkpoint
-    from cdmap.predict import resolve_device, resolve_precision
+    from cdmap.device import autocast_dtype, resolve_device, resolve_precision
 
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     net = load_checkpoint(ckpt_path).build_model(str(dev))
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+    dtype = autocast_dtype(prec)
     xa = torch.randn(batch, 3, tile, tile, device=dev)
     xb = torch.randn(batch, 3, tile, tile, device=dev)
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from cdmap._version import __version__
 from cdmap.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from cdmap.device import autocast_dtype, resolve_device, resolve_precision
 from cdmap.errors import Interrupted, OutputError, UsageError
 from cdmap.journal import WORKDIR_NAME, Journal
 from cdmap.tiling import StripStitcher, WindowGrid
@@ -123,32 +124,6 @@ def _check_tile_options(tile: int, overlap: int) -> None:
         raise UsageError(f"--overlap {overlap} must be >= 0")
     if overlap >= tile:
         raise UsageError(f"--overlap {overlap} must be smaller than the tile size {tile}")
-
-
-def resolve_device(name: str):
-    """``auto`` -> cuda when available, else cpu; validates ``cuda[:N]``."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name!r} is not a device (use auto, cpu or cuda[:N])") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but torch sees no CUDA GPU (is a CUDA torch installed?)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    elif dev.type != "cpu":
-        raise UsageError(f"--device {name!r} is not supported (use auto, cpu or cuda[:N])")
-    return dev
-
-
-def resolve_precision(precision: str, device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def _peak_rss_mib() -> float:
@@ -410,7 +385,7 @@ def _compute(pair, grid: WindowGrid, ckpt: Checkpoint, journal: Journal, opts: P
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = False
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = autocast_dtype(precision)
     mean = np.asarray(ckpt.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(ckpt.std, dtype=np.float32)[:, None, None]
     tile = grid.tile
