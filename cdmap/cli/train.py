@@ -1,0 +1,191 @@
+"""``cdmap train``, ``cdmap evaluate`` and ``cdmap tiles``: thin layers over :mod:`cdmap.train` and
+:mod:`cdmap.evaluate`. Heavy modules are imported inside the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cdmap.cli.app import app
+
+
+def parse_floats(value: str | None, option: str) -> list[float] | None:
+    """``"0.1,0.2"`` -> ``[0.1, 0.2]``."""
+    from cdmap.errors import UsageError
+
+    if value is None:
+        return None
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{option} expects comma-separated numbers, got {value!r}") from exc
+    if not out:
+        raise UsageError(f"{option} expects comma-separated numbers, got {value!r}")
+    return out
+
+
+@app.command("train")
+def train_cmd(
+    data: Path | None = typer.Argument(None, help="DATA/{train,val,test}/{A,B,label}/ or DATA/{A,B,label}/."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Run folder (metrics.csv, best.pt, last.pt)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder from last.pt."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (cosine schedule length) (default: 100)."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate of the non-backbone parts (default: 1e-3)."),
+    backbone_lr: float | None = typer.Option(None, "--backbone-lr", help="Backbone learning rate (default: 1e-4)."),
+    min_lr: float | None = typer.Option(None, "--min-lr", help="Cosine floor (default: 1e-6)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0.01)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Pairs per step and process (default: 32)."),
+    effective_batch: int | None = typer.Option(
+        None, "--effective-batch", help="Pairs per optimiser update; accumulates gradients (default: 32)."),
+    crop_size: int | None = typer.Option(None, "--crop-size", help="Random crop size, never resized (default: 256)."),
+    workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes (default: 4)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of weights, data order, augmentation (default: 2025)."),
+    backbone: str | None = typer.Option(
+        None, "--backbone", help="resnet18, resnet34, resnet50 or efficientnet_lite0 (default: resnet18)."),
+    backbone_weights: Path | None = typer.Option(
+        None, "--backbone-weights", help="ImageNet weights for the backbone (torchvision-style state dict)."),
+    no_imagenet: bool = typer.Option(
+        False, "--no-imagenet", help="efficientnet_lite0: do not load its packaged ImageNet weights."),
+    in_channels: int | None = typer.Option(None, "--in-channels", help="Band count (default: inferred from the data)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: auto)."),
+    precision: str | None = typer.Option(
+        None, "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (default: auto)."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Random crops only, no augmentation."),
+    val_fraction: float | None = typer.Option(
+        None, "--val-fraction", help="Hold out this fraction of the pairs for validation (flat layout: default 0.1)."),
+    ignore_index: int | None = typer.Option(None, "--ignore-index", help="Label value meaning 'unlabelled'."),
+    mean: str | None = typer.Option(None, "--mean", help="Per-band means, e.g. 110,112,98 (default: measured)."),
+    std: str | None = typer.Option(None, "--std", help="Per-band standard deviations (default: measured on train)."),
+    val_batch_size: int | None = typer.Option(None, "--val-batch-size", help="Val tiles per batch (default: 4)."),
+    select_by: str | None = typer.Option(
+        None, "--select-by", help="best.pt by f1_calibrated (F1 at the calibrated threshold) or f1 (at 0.5) "
+        "[f1_calibrated]."),
+    stop_after: int | None = typer.Option(
+        None, "--stop-after", help="Stop once this many epochs are done (resume later with --resume)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in OUTPUT."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or per-epoch lines."),
+) -> None:
+    """Train FSG-Net on change-detection tiles (reference recipe by default); torchrun for several GPUs."""
+    from cdmap.errors import UsageError
+    from cdmap.train import TrainConfig, train
+
+    values = {
+        "epochs": epochs, "lr": lr, "backbone_lr": backbone_lr, "min_lr": min_lr, "weight_decay": weight_decay,
+        "batch_size": batch_size, "effective_batch": effective_batch, "crop_size": crop_size, "seed": seed,
+        "backbone": backbone, "backbone_weights": str(backbone_weights) if backbone_weights else None,
+        "in_channels": in_channels, "precision": precision, "val_fraction": val_fraction,
+        "ignore_index": ignore_index, "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"),
+        "select_by": select_by,
+    }
+    flags = {"augment": not no_augment, "imagenet": not no_imagenet, "overwrite": overwrite}
+    runtime = {"workers": workers, "device": device, "val_batch_size": val_batch_size,
+               "stop_after_epoch": stop_after}
+    runtime = {k: v for k, v in runtime.items() if v is not None}
+    if resume is not None:
+        fixed = [k for k, v in values.items() if v is not None] + [k for k, v in flags.items() if v is not True
+                                                                  and k != "overwrite"]
+        if fixed or overwrite or output is not None:
+            names = ", ".join("--" + k.replace("_", "-") for k in fixed) or "--output/--overwrite"
+            raise UsageError(f"{names} cannot be changed when resuming; only --workers, --device, "
+                             "--val-batch-size, --stop-after and --quiet can")
+        result = train(data, resume, resume=True, quiet=quiet, **runtime)
+    else:
+        if data is None:
+            raise UsageError("missing DATA (or use --resume RUN)")
+        if output is None:
+            raise UsageError("missing -o/--output RUN folder")
+        kwargs = {k: v for k, v in values.items() if v is not None}
+        if "precision" in kwargs and kwargs["precision"] not in ("auto", "fp32", "bf16", "fp16"):
+            raise UsageError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+        cfg = TrainConfig(quiet=quiet, **kwargs, **flags, **runtime)
+        result = train(data, output, cfg)
+    if not quiet and result.run_dir is not None:
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            state = "finished" if result.finished else f"stopped after epoch {result.epochs_completed}"
+            typer.echo(f"{state}: best val F1 {result.best_f1:.4f} at epoch {result.best_epoch} "
+                       f"(threshold {result.threshold:.3f}) -> {result.best_path}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    data: Path | None = typer.Argument(None, help="Tile folder (LEVIR layout or flat A/B/label)."),
+    model: Path = typer.Option(..., "--model", "-m", help="cdmap checkpoint (.pt)."),
+    split: str = typer.Option("test", "--split", help="Sub-folder of DATA to evaluate (flat DATA: all pairs)."),
+    scene: tuple[Path, Path, Path] | None = typer.Option(
+        None, "--scene", help="BEFORE AFTER LABELS: evaluate a whole scene through the predict pipeline "
+        "(LABELS: raster on the output grid, or polygons)."),
+    threshold: float | None = typer.Option(None, "--threshold", help="P(change) threshold (default: checkpoint's)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    csv_file: Path | None = typer.Option(None, "--csv", help="Write per-image metrics to this CSV."),
+    error_maps: Path | None = typer.Option(
+        None, "--error-maps", help="Write colour error maps here (TP white, TN black, FP red, FN green)."),
+    ignore_index: int | None = typer.Option(None, "--ignore-index", help="Label value meaning 'unlabelled'."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Same-size tiles (or scene windows) per model call."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers (tiles) / reader threads (scene)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16."),
+    tile_size: int | None = typer.Option(None, "--tile-size", help="--scene: window size (default: checkpoint's)."),
+    prediction_dir: Path | None = typer.Option(
+        None, "--prediction-dir", help="--scene: keep the prediction outputs in this folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Precision, recall, F1, IoU (change class), OA and kappa of a checkpoint on labelled tiles or a scene."""
+    from cdmap.errors import UsageError
+    from cdmap.evaluate import evaluate_scene, evaluate_tiles, result_json
+
+    if scene is not None and data is not None:
+        raise UsageError("give either DATA or --scene BEFORE AFTER LABELS, not both")
+    if scene is not None:
+        if csv_file is not None:
+            raise UsageError("--csv is for tiles; a scene has a single row")
+        opts = {"batch_size": batch_size, "device": device, "precision": precision, "workers": max(1, workers),
+                "quiet": quiet}
+        if tile_size is not None:
+            opts["tile_size"] = tile_size
+        err = None if error_maps is None else error_maps / "scene_error_map.png"
+        result = evaluate_scene(*scene, model, threshold=threshold, outdir=prediction_dir,
+                                ignore_index=ignore_index, error_map=err, **opts)
+    else:
+        if data is None:
+            raise UsageError("missing DATA (or --scene BEFORE AFTER LABELS)")
+        result = evaluate_tiles(data, model, split=split, threshold=threshold, device=device,
+                                precision=precision, batch_size=batch_size, workers=workers,
+                                ignore_index=ignore_index, csv_path=csv_file, error_maps_dir=error_maps,
+                                progress=not quiet)
+    if json_out:
+        typer.echo(result_json(result))
+        return
+    m = result.metrics
+    typer.echo(f"{result.source}: {result.n_images} image(s), threshold {result.threshold:.3f}")
+    typer.echo(f"  precision {m['precision']:.4f}  recall {m['recall']:.4f}  F1 {m['f1']:.4f}  IoU {m['iou']:.4f}")
+    typer.echo(f"  OA {m['oa']:.4f}  kappa {m['kappa']:.4f}  (TP {m['tp']}, FP {m['fp']}, FN {m['fn']}, TN {m['tn']})")
+
+
+@app.command("tiles")
+def tiles_cmd(
+    before: Path = typer.Argument(..., help="The earlier scene (georeferenced raster)."),
+    after: Path = typer.Argument(..., help="The later scene, on BEFORE's grid."),
+    labels: Path = typer.Argument(..., help="Change labels: raster on BEFORE's grid, or polygons (gpkg/geojson/shp)."),
+    output: Path = typer.Option(..., "-o", "--output", help="DATA folder to write {train,val,test}/{A,B,label}/."),
+    tile_size: int = typer.Option(256, "--tile-size", help="Tile size in pixels (edge tiles are smaller)."),
+    split: str = typer.Option("0.7,0.15,0.15", "--split", help="Train,val,test fractions of the tiles."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the tile shuffle that assigns splits."),
+    fmt: str = typer.Option("tif", "--format", help="tif (GeoTIFF, keeps georeferencing) or png."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing split folders in DATA."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+) -> None:
+    """Cut a scene pair and its labels into LEVIR-layout training tiles with train/val/test splits."""
+    from cdmap.train.tiles import make_tiles
+
+    result = make_tiles(before, after, labels, output, tile_size=tile_size, split=split, seed=seed, fmt=fmt,
+                        overwrite=overwrite)
+    if not quiet:
+        c = result.counts
+        msg = (f"{output}: {c['train']} train, {c['val']} val, {c['test']} test tiles of {tile_size} px "
+               f"({result.skipped_nodata} all-nodata skipped)")
+        if result.ignore_index is not None:
+            msg += f"; label nodata written as {result.ignore_index}: train with --ignore-index {result.ignore_index}"
+        typer.echo(msg)

@@ -1,0 +1,414 @@
+"""Evaluation of a checkpoint on labelled tiles or on a whole scene.
+
+Confusion counts are accumulated over the whole split at native resolution (no resizing, no per-image
+averaging); prediction is ``P(change) >= threshold`` with the checkpoint's calibrated threshold unless one is
+given. Inputs are normalised with the checkpoint's per-band mean/std, exactly as in training. Pixels whose label
+is the ignore index, or where either image is nodata, are excluded. Metric conventions: :mod:`cdmap.metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
+from cdmap.metrics import ConfusionCounts
+
+if TYPE_CHECKING:
+    import torch
+
+PER_IMAGE_FIELDS = ("name", "tp", "fp", "fn", "tn", "precision", "recall", "f1", "iou", "oa", "kappa")
+ERROR_COLOURS = {
+    "tn": (0, 0, 0), "tp": (255, 255, 255), "fp": (255, 0, 0), "fn": (0, 255, 0), "ignored": (128, 128, 128),
+}
+
+
+# ----- runtime helpers shared with the trainer -----------------------------------------------------------------
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else is passed to ``torch.device``."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"bad --device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked but CUDA is not available")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = float32). ``auto``: bf16 on CUDA, else fp32."""
+    import torch
+
+    precision = (precision or "auto").lower()
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    table = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if precision not in table:
+        raise UsageError(f"bad --precision {precision!r}; choose auto, fp32, bf16 or fp16")
+    if table[precision] is torch.float16 and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return table[precision]
+
+
+def change_probability(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor,
+                       autocast_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+    """P(change) (B, H, W) float32 for normalised inputs already on the model's device (no grad)."""
+    import torch
+
+    if channels_last:
+        a = a.contiguous(memory_format=torch.channels_last)
+        b = b.contiguous(memory_format=torch.channels_last)
+    ctx = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(a.device.type, dtype=autocast_dtype)
+    with ctx:
+        logits = model(a, b)
+    return torch.softmax(logits.float(), dim=1)[:, 1]
+
+
+def accumulate_histograms(prob: torch.Tensor, label: torch.Tensor, pos_hist: torch.Tensor,
+                          neg_hist: torch.Tensor) -> None:
+    """Add per-class histograms of ``prob`` (bin k holds [k/n, (k+1)/n)) over valid pixels of ``label``."""
+    import torch
+
+    bins = pos_hist.shape[0]
+    k = (prob * bins).floor_().clamp_(0, bins - 1).long()
+    pos_hist += torch.bincount(k[label == 1], minlength=bins)
+    neg_hist += torch.bincount(k[label == 0], minlength=bins)
+
+
+# ----- results -------------------------------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation. ``per_image`` holds one dict per tile (``PER_IMAGE_FIELDS``)."""
+
+    counts: ConfusionCounts
+    threshold: float
+    source: str
+    n_images: int = 0
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float | int]:
+        return self.counts.metrics()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "threshold": self.threshold, "n_images": self.n_images,
+                "metrics": self.metrics, **self.extra}
+
+
+def _load_ckpt(checkpoint):
+    from cdmap.checkpoint import Checkpoint, load_checkpoint
+
+    return checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+
+
+def _check_threshold(threshold: float | None, default: float) -> float:
+    t = default if threshold is None else float(threshold)
+    if not 0.0 <= t <= 1.0:
+        raise UsageError(f"--threshold must be between 0 and 1, got {t}")
+    return t
+
+
+def _write_error_map(path: Path, pred: np.ndarray, label: np.ndarray) -> None:
+    _write_png(path, _error_rgb(pred, label))
+
+
+def write_per_image_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
+    """Write per-image rows (``PER_IMAGE_FIELDS``) to ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=PER_IMAGE_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    except OSError as exc:
+        raise OutputError(f"cannot write CSV: {exc.strerror or exc}", path) from exc
+    return path
+
+
+# ----- tiles ---------------------------------------------------------------------------------------------------
+def evaluate_tiles(
+    data_dir: str | os.PathLike,
+    checkpoint: Any,
+    *,
+    split: str = "test",
+    threshold: float | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 1,
+    workers: int = 0,
+    ignore_index: int | None = None,
+    csv_path: str | os.PathLike | None = None,
+    error_maps_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Evaluate ``checkpoint`` (path or :class:`~cdmap.checkpoint.Checkpoint`) on ``data_dir/split``.
+
+    ``data_dir`` is a LEVIR-layout folder (``split`` picks the sub-folder) or a flat ``{A,B,label}`` folder
+    (used whole). Tiles are run whole at native resolution, ``batch_size`` same-size tiles at a time. Writes a
+    per-image CSV to ``csv_path`` and colour error maps (TP white, TN black, FP red, FN green, ignored grey) as
+    ``<name>.png`` into ``error_maps_dir`` when given.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from cdmap.train.data import EvalTiles, load_split, size_grouped_batches
+
+    ckpt = _load_ckpt(checkpoint)
+    thr = _check_threshold(threshold, ckpt.threshold)
+    pairs = load_split(data_dir, split, ignore_index, workers=max(1, workers))
+    if pairs[0].bands != ckpt.in_channels:
+        raise IncompatibleInputsError(
+            f"images have {pairs[0].bands} bands but the model expects {ckpt.in_channels}", Path(data_dir))
+    dev = resolve_device(device)
+    ac = resolve_precision(precision, dev)
+    channels_last = dev.type == "cuda"
+    model = ckpt.build_model(str(dev))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    maps_dir = Path(error_maps_dir) if error_maps_dir is not None else None
+    if maps_dir is not None:
+        try:
+            maps_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create folder: {exc.strerror or exc}", maps_dir) from exc
+    ds = EvalTiles(pairs, ckpt.mean, ckpt.std, ignore_index)
+    loader = DataLoader(ds, batch_sampler=size_grouped_batches(pairs, max(1, batch_size)), num_workers=workers,
+                        pin_memory=dev.type == "cuda")
+    total = ConfusionCounts()
+    rows: list[dict[str, Any]] = []
+    bar = _progress(len(loader), "evaluate", progress)
+    with torch.inference_mode():
+        for a, b, label, idx in loader:
+            a = a.to(dev, non_blocking=True)
+            b = b.to(dev, non_blocking=True)
+            label = label.to(dev, non_blocking=True)
+            prob = change_probability(model, a, b, ac, channels_last)
+            pred = prob >= thr
+            valid = (label == 0) | (label == 1)
+            truth = label == 1
+            tp = (pred & truth).sum((1, 2))
+            fp = (pred & ~truth & valid).sum((1, 2))
+            fn = (~pred & truth).sum((1, 2))
+            nvalid = valid.sum((1, 2))
+            stats = torch.stack([tp, fp, fn, nvalid], 1).cpu().tolist()
+            for j, (tp_i, fp_i, fn_i, n_i) in enumerate(stats):
+                c = ConfusionCounts(tp_i, fp_i, fn_i, n_i - tp_i - fp_i - fn_i)
+                total.add(c)
+                name = pairs[int(idx[j])].name
+                rows.append({"name": name, **c.metrics()})
+                if maps_dir is not None:
+                    _write_error_map(maps_dir / f"{name}.png", pred[j].cpu().numpy(), label[j].cpu().numpy())
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    rows.sort(key=lambda r: r["name"])
+    if csv_path is not None:
+        write_per_image_csv(csv_path, rows)
+    src = str(Path(data_dir) / split) if (Path(data_dir) / split).is_dir() else str(data_dir)
+    return EvalResult(counts=total, threshold=thr, source=src, n_images=len(rows), per_image=rows)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, unit="batch", leave=False)
+
+
+# ----- scene ---------------------------------------------------------------------------------------------------
+VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".gml", ".kml")
+MASK_NODATA = 255
+ROW_STRIP = 512
+
+
+def evaluate_scene(
+    before: str | os.PathLike,
+    after: str | os.PathLike,
+    labels: str | os.PathLike,
+    checkpoint: Any,
+    *,
+    threshold: float | None = None,
+    outdir: str | os.PathLike | None = None,
+    ignore_index: int | None = None,
+    error_map: str | os.PathLike | None = None,
+    **predict_options: Any,
+) -> EvalResult:
+    """Predict a whole scene pair with :func:`cdmap.predict.predict_scene` and score it against ``labels``.
+
+    ``labels`` is a raster on the output grid (band 1, non-zero = change; its nodata and ``ignore_index``
+    excluded) or a polygon file rasterised onto the output grid. Pixels where the prediction is nodata (either date
+    nodata) are excluded. The prediction is the predicted mask at ``threshold`` (default: the checkpoint's).
+    ``predict_options`` go to ``predict_scene`` (``tile_size``, ``overlap``, ``device``, ``batch_size``...).
+    ``outdir`` keeps the prediction; otherwise a temporary folder is used and removed. ``error_map`` writes a
+    colour PNG (TP white, TN black, FP red, FN green, excluded grey).
+    """
+    import shutil
+    import tempfile
+
+    from cdmap.predict import predict_scene
+
+    ckpt = _load_ckpt(checkpoint)
+    thr = _check_threshold(threshold, ckpt.threshold)
+    tmp = None
+    if outdir is None:
+        tmp = tempfile.mkdtemp(prefix="cdmap-eval-")
+        outdir = Path(tmp) / "prediction"
+    opts: dict[str, Any] = {"vector_format": "none", "quiet": True}
+    opts.update(predict_options)
+    opts["threshold"] = thr
+    try:
+        result = predict_scene(before, after, outdir, ckpt, **opts)
+        counts = score_mask(result.mask, labels, ignore_index=ignore_index, error_map=error_map)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    extra = {"labels": str(labels)}
+    if tmp is None:
+        extra["prediction"] = str(outdir)
+    return EvalResult(counts=counts, threshold=thr, source=f"{before} -> {after}", n_images=1, extra=extra)
+
+
+def read_polygons(path: str | os.PathLike, crs: Any) -> Any:
+    """Non-empty polygons of an OGR vector file, reprojected to ``crs``."""
+    import geopandas as gpd
+
+    try:
+        gdf = gpd.read_file(path)
+    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
+        raise InputError(f"cannot read polygons: {' '.join(str(exc).split())[:200]}", path) from exc
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    if len(gdf):
+        if (gdf.crs is None) != (crs is None):
+            raise IncompatibleInputsError("polygons and raster must both have a CRS (or both none)", path)
+        if gdf.crs is not None and gdf.crs != crs:
+            gdf = gdf.to_crs(crs)
+    return gdf
+
+
+def rasterize_polygons(gdf: Any, transform: Any, shape: tuple[int, int], value: int = 1) -> np.ndarray:
+    """Burn the polygons of ``gdf`` (already in the grid's CRS) as ``value`` onto a (rows, cols) grid window."""
+    from rasterio.features import rasterize
+    from rasterio.transform import array_bounds
+    from shapely.geometry import box
+
+    if not len(gdf):
+        return np.zeros(shape, dtype=np.uint8)
+    west, south, east, north = array_bounds(shape[0], shape[1], transform)
+    idx = gdf.sindex.query(box(min(west, east), min(south, north), max(west, east), max(south, north)))
+    if len(idx) == 0:
+        return np.zeros(shape, dtype=np.uint8)
+    geoms = list(gdf.geometry.iloc[np.sort(idx)])
+    return rasterize(((g, value) for g in geoms), out_shape=shape, transform=transform, fill=0, dtype="uint8")
+
+
+def score_mask(
+    mask: str | os.PathLike,
+    labels: str | os.PathLike,
+    *,
+    ignore_index: int | None = None,
+    error_map: str | os.PathLike | None = None,
+) -> ConfusionCounts:
+    """Confusion counts of a predicted mask raster (1 change, 0 none, 255/nodata excluded) against ``labels``.
+
+    ``labels``: a raster on the mask's grid or a polygon file (rasterised onto it). Read in row strips.
+    """
+    import rasterio
+    from rasterio.windows import Window
+
+    mask, labels = Path(mask), Path(labels)
+    if not labels.exists():
+        raise InputError("label file not found", labels)
+    is_vector = labels.suffix.lower() in VECTOR_SUFFIXES
+    total = ConfusionCounts()
+    with rasterio.open(mask) as src:
+        height, width = src.height, src.width
+        gdf = read_polygons(labels, src.crs) if is_vector else None
+        lab = None if is_vector else rasterio.open(labels)
+        try:
+            if lab is not None and ((lab.height, lab.width) != (height, width) or (
+                    lab.crs is not None and src.crs is not None
+                    and (lab.crs != src.crs or not lab.transform.almost_equals(src.transform)))):
+                raise IncompatibleInputsError(
+                    f"label raster ({lab.width}x{lab.height}) is not on the prediction grid ({width}x{height})",
+                    labels)
+            em = np.zeros((3, height, width), dtype=np.uint8) if error_map is not None else None
+            for row in range(0, height, ROW_STRIP):
+                win = Window(0, row, width, min(ROW_STRIP, height - row))
+                pred_raw = src.read(1, window=win)
+                valid = (pred_raw == 0) | (pred_raw == 1)
+                if src.nodata is not None:
+                    valid &= pred_raw != src.nodata
+                pred = pred_raw == 1
+                if gdf is not None:
+                    truth = rasterize_polygons(gdf, src.window_transform(win), pred.shape) != 0
+                else:
+                    raw = lab.read(1, window=win, masked=True)
+                    valid &= ~np.ma.getmaskarray(raw)
+                    raw = np.ma.getdata(raw)
+                    if ignore_index is not None:
+                        valid &= raw != ignore_index
+                    truth = raw != 0
+                total.add(ConfusionCounts.from_arrays(pred, truth, valid))
+                if em is not None:
+                    lab8 = np.where(valid, truth.astype(np.uint8), 255).astype(np.uint8)
+                    em[:, row : row + int(win.height)] = _error_rgb(pred, lab8)
+        finally:
+            if lab is not None:
+                lab.close()
+    if em is not None:
+        _write_png(Path(error_map), em)
+    return total
+
+
+def _error_rgb(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
+    rgb = np.zeros((3,) + label.shape, dtype=np.uint8)
+    classes = {
+        "tp": pred & (label == 1),
+        "fp": pred & (label == 0),
+        "fn": ~pred & (label == 1),
+        "ignored": (label != 0) & (label != 1),
+    }
+    for name, m in classes.items():
+        for ch, v in enumerate(ERROR_COLOURS[name]):
+            rgb[ch][m] = v
+    return rgb
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    import rasterio
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path, "w", driver="PNG", width=rgb.shape[2], height=rgb.shape[1], count=3,
+                               dtype="uint8") as dst:
+                dst.write(rgb)
+    except (OSError, rasterio.errors.RasterioError) as exc:
+        raise OutputError(f"cannot write error map: {exc}", path) from exc
+
+
+def result_json(result: EvalResult) -> str:
+    """The evaluation as a JSON document (metrics, counts, threshold, source)."""
+    return json.dumps(result.to_dict(), indent=2)

@@ -1,0 +1,250 @@
+"""``cdmap tiles``: cut a georeferenced scene pair and its labels into LEVIR-layout training tiles.
+
+The scene is cut into a grid of non-overlapping ``tile_size`` windows (edge tiles are smaller, so the whole scene is
+covered and nothing is resized or overlapped); windows where either date is entirely nodata are skipped. Tiles are
+shuffled with ``seed`` and dealt to train/val/test by the ``split`` fractions (split by tile, deterministic). Every
+read is windowed, so scenes of any size fit in memory.
+
+Labels are a raster on BEFORE's grid (band 1, non-zero = change) or a polygon file (GeoPackage, GeoJSON,
+Shapefile, FlatGeobuf...) read with geopandas, reprojected to BEFORE's CRS and burnt onto each tile
+(pixel centre inside a polygon = change). Label tiles hold 0 and 255; pixels where a label raster is nodata
+(a nodata value other than 0) are written as :data:`LABEL_IGNORE` and training then needs
+``--ignore-index 127`` (``tiles.json`` and the command say so).
+
+Output: ``DATA/{train,val,test}/{A,B,label}/<stem>_<row>_<col>.<tif|png>`` plus ``DATA/tiles.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
+from cdmap.evaluate import VECTOR_SUFFIXES
+
+SPLITS = ("train", "val", "test")
+LABEL_IGNORE = 127
+
+
+@dataclass
+class TilesResult:
+    """What :func:`make_tiles` wrote."""
+
+    out_dir: Path
+    tile_size: int
+    counts: dict[str, int]
+    skipped_nodata: int
+    names: dict[str, list[str]] = field(default_factory=dict)
+    ignore_index: int | None = None
+
+
+def parse_split(text: str | tuple[float, ...] | list[float]) -> tuple[float, float, float]:
+    """``"0.7,0.15,0.15"`` -> fractions for train/val/test (non-negative, summing to 1)."""
+    try:
+        parts = [float(x) for x in (text.split(",") if isinstance(text, str) else text)]
+    except ValueError as exc:
+        raise UsageError(f"--split must be three numbers like 0.7,0.15,0.15, got {text!r}") from exc
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
+        raise UsageError(f"--split must be three non-negative fractions summing to 1, got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def split_counts(n: int, fractions: tuple[float, float, float]) -> list[int]:
+    """Tiles per split: rounded fractions, each non-zero fraction getting at least one tile when possible."""
+    counts = [int(round(n * f)) for f in fractions]
+    counts[0] = n - counts[1] - counts[2]
+    for i in range(3):
+        if fractions[i] > 0 and counts[i] == 0:
+            donor = int(np.argmax(counts))
+            if counts[donor] > 1:
+                counts[donor] -= 1
+                counts[i] += 1
+    if counts[0] < 0:
+        counts = [max(0, c) for c in counts]
+        counts[0] = n - counts[1] - counts[2]
+    return counts
+
+
+def _same_grid(a, b) -> bool:
+    return (a.width, a.height) == (b.width, b.height) and a.transform.almost_equals(b.transform) and (
+        a.crs == b.crs or a.crs is None or b.crs is None)
+
+
+def _windows(height: int, width: int, size: int):
+    from rasterio.windows import Window
+
+    for row in range(0, height, size):
+        for col in range(0, width, size):
+            yield Window(col, row, min(size, width - col), min(size, height - row))
+
+
+def _all_nodata(src, window) -> bool:
+    from rasterio.enums import MaskFlags
+
+    if all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums):
+        return False
+    return not src.dataset_mask(window=window).any()
+
+
+def make_tiles(
+    before: str | os.PathLike,
+    after: str | os.PathLike,
+    labels: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tile_size: int = 256,
+    split: str | tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    fmt: str = "tif",
+    overwrite: bool = False,
+) -> TilesResult:
+    """Cut ``before``/``after``/``labels`` into ``out_dir/{train,val,test}/{A,B,label}`` tiles (see module doc)."""
+    import rasterio
+
+    from cdmap.evaluate import rasterize_polygons, read_polygons
+
+    fractions = parse_split(split)
+    if tile_size < 16:
+        raise UsageError(f"--tile-size must be >= 16, got {tile_size}")
+    fmt = fmt.lower().lstrip(".")
+    if fmt not in ("tif", "png"):
+        raise UsageError(f"--format must be tif or png, got {fmt!r}")
+    before, after, labels, out_dir = Path(before), Path(after), Path(labels), Path(out_dir)
+    for p in (before, after, labels):
+        if not p.exists():
+            raise InputError("file not found", p)
+    _prepare_out(out_dir, overwrite)
+
+    is_vector = labels.suffix.lower() in VECTOR_SUFFIXES
+    try:
+        src_a = rasterio.open(before)
+        src_b = rasterio.open(after)
+    except rasterio.errors.RasterioError as exc:
+        raise InputError(f"cannot open raster: {exc}") from exc
+    lab_src = None
+    gdf = None
+    try:
+        if not _same_grid(src_a, src_b):
+            raise IncompatibleInputsError(
+                f"BEFORE ({src_a.width}x{src_a.height}, {src_a.crs}) and AFTER ({src_b.width}x{src_b.height}, "
+                f"{src_b.crs}) are not on the same grid; align them first (e.g. gdalwarp -te/-tr)", after)
+        if src_a.count != src_b.count:
+            raise IncompatibleInputsError(f"BEFORE has {src_a.count} bands, AFTER {src_b.count}", after)
+        if fmt == "png" and (src_a.dtypes[0] not in ("uint8", "uint16") or src_a.count > 4):
+            raise UsageError(f"PNG tiles need uint8/uint16 images with at most 4 bands ({src_a.count} x "
+                             f"{src_a.dtypes[0]} here); use --format tif")
+        if is_vector:
+            gdf = read_polygons(labels, src_a.crs)
+        else:
+            try:
+                lab_src = rasterio.open(labels)
+            except rasterio.errors.RasterioError as exc:
+                raise InputError(f"cannot open label raster (or unknown polygon format): {exc}", labels) from exc
+            if not _same_grid(src_a, lab_src):
+                raise IncompatibleInputsError(
+                    f"label raster ({lab_src.width}x{lab_src.height}) is not on BEFORE's grid "
+                    f"({src_a.width}x{src_a.height})", labels)
+
+        windows = []
+        skipped = 0
+        for w in _windows(src_a.height, src_a.width, tile_size):
+            if _all_nodata(src_a, w) or _all_nodata(src_b, w):
+                skipped += 1
+            else:
+                windows.append(w)
+        if not windows:
+            raise InputError("every tile is nodata in one of the dates; nothing to write", before)
+        order = np.random.default_rng(seed).permutation(len(windows))
+        counts = split_counts(len(windows), fractions)
+        assignment: dict[int, str] = {}
+        start = 0
+        for name, n in zip(SPLITS, counts, strict=True):
+            for i in order[start : start + n]:
+                assignment[int(i)] = name
+            start += n
+
+        stem = before.stem
+        names: dict[str, list[str]] = {s: [] for s in SPLITS}
+        used_ignore = False
+        img_profile = {
+            "driver": "GTiff" if fmt == "tif" else "PNG",
+            "count": src_a.count,
+            "dtype": src_a.dtypes[0],
+            "nodata": src_a.nodata,
+            "crs": src_a.crs,
+        }
+        if fmt == "tif":
+            img_profile.update(compress="deflate")
+        for i, w in enumerate(windows):
+            split_name = assignment[i]
+            row, col = int(w.row_off), int(w.col_off)
+            name = f"{stem}_{row:05d}_{col:05d}"
+            transform = src_a.window_transform(w)
+            shape = (int(w.height), int(w.width))
+            if gdf is not None:
+                label = rasterize_polygons(gdf, transform, shape, value=255)
+            else:
+                raw = lab_src.read(1, window=w)
+                label = np.where(raw != 0, 255, 0).astype(np.uint8)
+                nd = lab_src.nodata
+                if nd is not None and nd != 0 and not (isinstance(nd, float) and np.isnan(nd)):
+                    bad = raw == nd
+                    if bad.any():
+                        label[bad] = LABEL_IGNORE
+                        used_ignore = True
+            for sub, src in (("A", src_a), ("B", src_b)):
+                prof = dict(img_profile, width=shape[1], height=shape[0], transform=transform)
+                _write(out_dir / split_name / sub / f"{name}.{fmt}", src.read(window=w), prof)
+            lprof = dict(img_profile, count=1, dtype="uint8", nodata=None, width=shape[1], height=shape[0],
+                         transform=transform)
+            _write(out_dir / split_name / "label" / f"{name}.{fmt}", label[None], lprof)
+            names[split_name].append(name)
+    finally:
+        for s in (src_a, src_b, lab_src):
+            if s is not None:
+                s.close()
+    result = TilesResult(out_dir=out_dir, tile_size=tile_size, counts={s: len(v) for s, v in names.items()},
+                         skipped_nodata=skipped, names={s: sorted(v) for s, v in names.items()},
+                         ignore_index=LABEL_IGNORE if used_ignore else None)
+    manifest: dict[str, Any] = {
+        "before": str(before), "after": str(after), "labels": str(labels), "tile_size": tile_size,
+        "split": list(fractions), "seed": seed, "format": fmt, "counts": result.counts,
+        "skipped_nodata": skipped, "ignore_index": result.ignore_index, "tiles": result.names,
+    }
+    (out_dir / "tiles.json").write_text(json.dumps(manifest, indent=2))
+    return result
+
+
+def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+    existing = [out_dir / s for s in SPLITS if (out_dir / s).exists()]
+    if existing:
+        if not overwrite:
+            raise OutputError(f"already holds {', '.join(p.name + '/' for p in existing)}; pass --overwrite to "
+                              "replace them", out_dir)
+        for p in existing:
+            shutil.rmtree(p)
+    try:
+        for s in SPLITS:
+            for sub in ("A", "B", "label"):
+                (out_dir / s / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create folder: {exc.strerror or exc}", out_dir) from exc
+
+
+def _write(path: Path, data: np.ndarray, profile: dict[str, Any]) -> None:
+    import rasterio
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path, "w", **profile) as dst:
+                dst.write(data)
+    except (OSError, rasterio.errors.RasterioError) as exc:
+        raise OutputError(f"cannot write tile: {exc}", path) from exc
