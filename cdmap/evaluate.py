@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cdmap.device import autocast_dtype, resolve_device, resolve_precision
 from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
 from cdmap.metrics import ConfusionCounts
 
@@ -30,40 +31,6 @@ PER_IMAGE_FIELDS = ("name", "tp", "fp", "fn", "tn", "precision", "recall", "f1",
 ERROR_COLOURS = {
     "tn": (0, 0, 0), "tp": (255, 255, 255), "fp": (255, 0, 0), "fn": (0, 255, 0), "ignored": (128, 128, 128),
 }
-
-
-# ----- runtime helpers shared with the trainer -----------------------------------------------------------------
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else is passed to ``torch.device``."""
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"bad --device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asked but CUDA is not available")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = float32). ``auto``: bf16 on CUDA, else fp32."""
-    import torch
-
-    precision = (precision or "auto").lower()
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    table = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if precision not in table:
-        raise UsageError(f"bad --precision {precision!r}; choose auto, fp32, bf16 or fp16")
-    if table[precision] is torch.float16 and device.type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return table[precision]
 
 
 def change_probability(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor,
@@ -179,7 +146,7 @@ def evaluate_tiles(
         raise IncompatibleInputsError(
             f"images have {pairs[0].bands} bands but the model expects {ckpt.in_channels}", Path(data_dir))
     dev = resolve_device(device)
-    ac = resolve_precision(precision, dev)
+    ac = autocast_dtype(resolve_precision(precision, dev))
     channels_last = dev.type == "cuda"
     model = ckpt.build_model(str(dev))
     if channels_last:

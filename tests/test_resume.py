@@ -48,13 +48,7 @@ def _polygons(outdir):
     return gdf
 
 
-@pytest.mark.parametrize("point", [
-    "strip:3",
-    "commit:2",
-    pytest.param("read:20", marks=pytest.mark.slow),
-    pytest.param("assemble:1", marks=pytest.mark.slow),
-    pytest.param("vectorize:1", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("point", ["read:20", "strip:3", "assemble:1", "vectorize:1", "commit:2"])
 def test_sigkill_then_resume_gives_identical_outputs(tmp_path, setup, point):
     before, after, ckpt, ref = setup
     out = tmp_path / "out"

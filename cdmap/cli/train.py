@@ -60,7 +60,7 @@ def train_cmd(
     val_batch_size: int | None = typer.Option(None, "--val-batch-size", help="Val tiles per batch (default: 4)."),
     select_by: str | None = typer.Option(
         None, "--select-by", help="best.pt by f1_calibrated (F1 at the calibrated threshold) or f1 (at 0.5) "
-        "[f1_calibrated]."),
+        "(default: f1_calibrated)."),
     stop_after: int | None = typer.Option(
         None, "--stop-after", help="Stop once this many epochs are done (resume later with --resume)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in OUTPUT."),

@@ -350,7 +350,8 @@ def _train(data_dir: Path, run_dir: Path, cfg: TrainConfig, dist_info: _Dist, ck
     from torch.utils.data import DataLoader
 
     from cdmap.checkpoint import Checkpoint, save_checkpoint
-    from cdmap.evaluate import resolve_device, resolve_precision
+    from cdmap.device import autocast_dtype as _dtype_of
+    from cdmap.device import resolve_device, resolve_precision
     from cdmap.metrics import ConfusionCounts, best_threshold
     from cdmap.models import FSGNet, ModelConfig, load_backbone_weights, load_efficientnet_lite0_imagenet
     from cdmap.train.augment import AugmentConfig
@@ -368,7 +369,7 @@ def _train(data_dir: Path, run_dir: Path, cfg: TrainConfig, dist_info: _Dist, ck
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist_info.world > 1:
         device = torch.device("cuda", dist_info.local_rank)
-    autocast_dtype = resolve_precision(cfg.precision, device)
+    autocast_dtype = _dtype_of(resolve_precision(cfg.precision, device))
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
