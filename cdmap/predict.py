@@ -40,7 +40,7 @@ VECTOR_NAME = "changes"
 VECTOR_FORMATS = {"gpkg": ".gpkg", "geojson": ".geojson", "fgb": ".fgb", "shp": ".shp", "none": None}
 MASK_NODATA = 255
 ROW_BLOCK = 512
-DEFAULT_OVERLAP_FRACTION = 0.25  # chosen from benchmarks/seam_overlap.py (see benchmarks/RESULTS.md)
+DEFAULT_OVERLAP_FRACTION = 0.125  # chosen from benchmarks/seam_overlap.py (see benchmarks/RESULTS.md)
 
 
 @dataclass
@@ -143,6 +143,38 @@ def _pixel_area_m2_rows(crs, transform, row0: int, row1: int) -> np.ndarray:
         return r * r * dlon * np.abs(np.sin(np.radians(lat_top)) - np.sin(np.radians(lat_bot)))
     unit = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
     return np.full(n, abs(transform.a * transform.e - transform.b * transform.d) * unit * unit)
+
+
+class _Fd2Capture:
+    """Redirects file descriptor 2 to a temporary file (C libraries write there directly)."""
+
+    def start(self) -> _Fd2Capture:
+        import tempfile
+
+        self._saved = None
+        try:
+            sys.stderr.flush()
+            self._file = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        except (OSError, ValueError):
+            self._saved = None
+        return self
+
+    def stop(self, replay: bool) -> str:
+        """Restore fd 2; with ``replay`` the captured text is written to the real stderr. Idempotent."""
+        if self._saved is None:
+            return ""
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._saved = None
+        self._file.seek(0)
+        text = self._file.read().decode(errors="replace")
+        self._file.close()
+        if replay and text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        return text
 
 
 class _SignalGuard:
@@ -279,7 +311,8 @@ def predict_scene(
         t0 = time.perf_counter()
         import rasterio
 
-        with _SignalGuard(), rasterio.Env(GDAL_CACHEMAX=_gdal_cache_mb(pair, tile)):
+        # rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, i.e. in bytes, not MB
+        with _SignalGuard(), rasterio.Env(GDAL_CACHEMAX=_gdal_cache_mb(pair, tile) * 2**20):
             compute = _compute(pair, grid, ckpt, journal, opts)
             timings["compute_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -550,6 +583,9 @@ def _assemble(pair, grid, journal: Journal, finals, opts: PredictOptions, comput
     is_u8 = opts.prob_dtype == "uint8"
     common = dict(width=grid.width, height=grid.height, crs=pair.crs, transform=pair.transform,
                   creation_options=opts.creation_options)
+    # GDAL/libtiff print some write errors (disk full) straight to fd 2; keep them out of the one-line error
+    cap = _Fd2Capture().start()
+    rasters_ok = False
     prob_w = RasterWriter(tmp["probability"], dtype=opts.prob_dtype, nodata=None if is_u8 else float("nan"),
                           scale=1.0 / 255.0 if is_u8 else None, offset=0.0 if is_u8 else None,
                           tags={**tags, "CDMAP_CONTENT": "probability of change"},
@@ -599,6 +635,8 @@ def _assemble(pair, grid, journal: Journal, finals, opts: PredictOptions, comput
                 to_cog(tmp[key], cog, creation_options=opts.creation_options)
                 os.replace(cog, tmp[key])
         timings["rasters_s"] = time.perf_counter() - t_assemble
+        rasters_ok = True
+        cap.stop(replay=True)
 
         vec_stats = None
         tmp_vec = None
@@ -658,6 +696,8 @@ def _assemble(pair, grid, journal: Journal, finals, opts: PredictOptions, comput
             journal.remove()
     except OSError as exc:
         raise OutputError(f"cannot write outputs: {exc.strerror or exc}", journal.workdir.parent) from exc
+    finally:
+        cap.stop(replay=rasters_ok)
     return summary
 
 

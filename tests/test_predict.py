@@ -259,3 +259,32 @@ def test_sigint_exits_130_and_leaves_no_final_file(tmp_path, ckpt):
     finals = {"change_probability.tif", "change_mask.tif", "changes.gpkg", "run.json"}
     assert not finals & {p.name for p in out.iterdir()}
     assert (out / ".cdmap-partial" / "journal.jsonl").exists()
+
+
+def test_property_results_do_not_depend_on_batch_size_or_workers(tmp_path_factory, ckpt):
+    """Hypothesis: random scene sizes, overlaps, batch sizes and worker counts give the same probabilities."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    root = tmp_path_factory.mktemp("prop")
+    ref_cache: dict = {}
+
+    @settings(max_examples=6, deadline=None)
+    @given(h=st.integers(20, 140), w=st.integers(20, 140), overlap=st.sampled_from([0, 8, 16, 24]),
+           batch=st.integers(1, 7), workers=st.integers(1, 3))
+    def check(h, w, overlap, batch, workers):
+        key = (h, w, overlap)
+        d = root / f"{h}_{w}_{overlap}"
+        if key not in ref_cache:
+            d.mkdir(exist_ok=True)
+            a, b, _ = synthetic_pair(d, height=h, width=w, seed=h * 1000 + w)
+            ref = predict_scene(a, b, d / "ref", ckpt, overlap=overlap, batch_size=1, workers=1, quiet=True,
+                                prob_dtype="float32", vector_format="none")
+            ref_cache[key] = (a, b, _read(ref.probability)[0])
+        a, b, want = ref_cache[key]
+        out = d / f"b{batch}w{workers}"
+        got = predict_scene(a, b, out, ckpt, overlap=overlap, batch_size=batch, workers=workers, quiet=True,
+                            prob_dtype="float32", vector_format="none", overwrite=True)
+        np.testing.assert_allclose(_read(got.probability)[0], want, atol=2e-5)
+
+    check()

@@ -44,7 +44,7 @@ def predict(
     output: Path = typer.Option(..., "-o", "--output", help="Output directory."),
     model: Path = typer.Option(..., "--model", "-m", help="cdmap checkpoint (.pt)."),
     tile_size: int | None = typer.Option(None, "--tile-size", help="Window size (default: the checkpoint's)."),
-    overlap: int | None = typer.Option(None, "--overlap", help="Window overlap in pixels (default: tile/4)."),
+    overlap: int | None = typer.Option(None, "--overlap", help="Window overlap in pixels (default: tile/8)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per model call."),
     workers: int = typer.Option(2, "--workers", help="Reader threads."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
