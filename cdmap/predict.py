@@ -337,7 +337,8 @@ def _gdal_cache_mb(pair, tile: int) -> int:
     GDAL's default (5% of RAM) would let the cache, and so memory, grow with the scene area up to that cap.
     """
     block_h = max(pair.block_shape()[0], tile)
-    per_row = pair.width * block_h * max(pair.count, 1) * 4 * 2  # both dates, up to 4-byte samples
+    itemsize = np.dtype(pair.dtype).itemsize if getattr(pair, "dtype", None) else 4
+    per_row = pair.width * block_h * max(pair.count, 1) * itemsize * 2  # both dates
     return int(min(max(64, 2 * per_row / 2**20), 4096))
 
 

@@ -15,6 +15,17 @@ SHARED_DATA = Path(os.environ.get("CDMAP_SHARED_DATA", REPO.parent / "shared" / 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one thread is as fast, and immune to OpenMP stalls when the CI cores are busy."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` beside the checkout; tests using it skip cleanly when it is absent."""

@@ -10,14 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cdmap.models import count_parameters
 from cdmap.models.blocks import DAWIM, LGFU, STSAM, DropBlock, FCNHead, _temporal_conv
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one thread is as fast, and immune to OpenMP stalls when the CI cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pair(c: int, h: int, w: int, b: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,14 +19,7 @@ from cdmap.models import (
 )
 from cdmap.models.backbones import build_backbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one thread is as fast, and immune to OpenMP stalls when the CI cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EXPECTED_PARAMS = {
     "resnet18": 5_367_999,  # spec §13: 13,761,727 with the unused layer4 (8,393,728), 5.37 M without

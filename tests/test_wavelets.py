@@ -9,14 +9,7 @@ from hypothesis import strategies as st
 
 from cdmap.models.wavelets import HaarDWT, HaarIDWT, haar_dwt, haar_idwt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one thread is as fast, and immune to OpenMP stalls when the CI cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_closed_form_on_one_block():

@@ -103,9 +103,13 @@ class StripStitcher:
         acc = self._sum[br : br + h, c0:c1]
         accw = self._wsum[br : br + h, c0:c1]
         both = (accw > 0) & (wt > 0)
-        if both.any():
-            self.stats.disagree_sum += float(np.abs(p[both] - acc[both] / accw[both]).sum(dtype=np.float64))
-            self.stats.disagree_n += int(both.sum())
+        n_both = int(np.count_nonzero(both))
+        if n_both:
+            # masked arithmetic without gathers: this runs once per window on the main thread
+            with np.errstate(invalid="ignore", divide="ignore"):
+                diff = np.abs(p - acc / accw)
+            self.stats.disagree_sum += float(np.where(both, diff, 0.0).sum(dtype=np.float64))
+            self.stats.disagree_n += n_both
         acc += wt * p
         accw += wt
         self._valid[br : br + h, c0:c1] |= valid[wr : wr + h, wc : wc + w]
