@@ -4,7 +4,7 @@ The public functions are imported lazily so that ``import cdmap`` (and ``cdmap -
 
 - :func:`cdmap.predict_scene` (``cdmap predict``)
 - :func:`cdmap.vectorize_raster` (``cdmap vectorize``)
-- :func:`cdmap.train` (``cdmap train``)
+- :func:`cdmap.train.train` (``cdmap train``; ``cdmap.train`` is the training package)
 - :func:`cdmap.evaluate_tiles`, :func:`cdmap.evaluate_scene` (``cdmap evaluate``)
 - :func:`cdmap.load_checkpoint`, :func:`cdmap.save_checkpoint`, :class:`cdmap.Checkpoint`
 - :class:`cdmap.FSGNet`, :class:`cdmap.ModelConfig`
@@ -22,7 +22,6 @@ _EXPORTS = {
     "PredictOptions": "cdmap.predict",
     "PredictResult": "cdmap.predict",
     "vectorize_raster": "cdmap.vectorize",
-    "train": "cdmap.train",
     "TrainConfig": "cdmap.train",
     "evaluate_tiles": "cdmap.evaluate",
     "evaluate_scene": "cdmap.evaluate",

@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cdmap import evaluate_scene, predict_scene, train, vectorize_raster
+from cdmap import evaluate_scene, predict_scene, vectorize_raster
 from cdmap.synthetic import write_scene_pair, write_tile_set
-from cdmap.train import TrainConfig
+from cdmap.train import TrainConfig, train
 
 
 def main(work: Path) -> None:

@@ -40,6 +40,8 @@ def test_unknown_option_is_usage_error():
 
 def test_lazy_public_api():
     import cdmap
+    from cdmap.train import train
 
-    assert callable(cdmap.predict_scene) and callable(cdmap.train) and callable(cdmap.vectorize_raster)
+    assert callable(cdmap.predict_scene) and callable(train) and callable(cdmap.vectorize_raster)
+    assert callable(cdmap.evaluate_scene) and cdmap.TrainConfig().epochs == 100
     assert cdmap.ModelConfig().backbone == "resnet18"

@@ -54,7 +54,10 @@ def fail(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app and turns exceptions into one line and an exit code."""
-    import click
+    try:  # newer typer carries its own copy of click; its exceptions are the ones raised
+        from typer._click.exceptions import ClickException
+    except ImportError:  # pragma: no cover - typer built on the click package
+        from click import ClickException
 
     from cdmap import errors
 
@@ -66,11 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         command.main(args=args, prog_name="cdmap", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort:
+    except typer.Abort:
         fail("interrupted", errors.EXIT_SIGINT)
-    except click.ClickException as exc:
+    except ClickException as exc:
         exc.show()
         raise SystemExit(exc.exit_code) from None
     except errors.CdmapError as exc:

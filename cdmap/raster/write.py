@@ -216,7 +216,8 @@ class RasterWriter:
                     self._ds.set_band_description(i, description)
         except _WRITE_ERRORS as exc:
             self._abort()
-            raise OutputError(f"cannot write raster metadata: {_err_text(exc)}", self.path) from exc
+            raise OutputError(f"cannot write raster metadata: {_err_text(exc)}{_free_space_note(self.path)}",
+                              self.path) from exc
 
     # -- writing
 
@@ -237,7 +238,7 @@ class RasterWriter:
             self._ds.write(array.astype(self.dtype, copy=False), window=window)
         except _WRITE_ERRORS as exc:
             raise OutputError(f"cannot write rows {row_off}-{row_off + array.shape[1] - 1}: "
-                              f"{_err_text(exc)}", self.path) from exc
+                              f"{_err_text(exc)}{_free_space_note(self.path)}", self.path) from exc
         self._rows_written = max(self._rows_written, row_off + array.shape[1])
 
     def write_mask_rows(self, row_off: int, valid: np.ndarray) -> None:
@@ -252,7 +253,7 @@ class RasterWriter:
             self._ds.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
         except _WRITE_ERRORS as exc:
             raise OutputError(f"cannot write mask rows {row_off}-{row_off + valid.shape[0] - 1}: "
-                              f"{_err_text(exc)}", self.path) from exc
+                              f"{_err_text(exc)}{_free_space_note(self.path)}", self.path) from exc
 
     def build_overviews(self, resampling: str = "nearest") -> list[int]:
         """Add internal overviews (factors 2, 4, ... until one block); ``nearest`` for masks, ``average`` for
