@@ -266,7 +266,7 @@ def predict_scene(
         ckpt_path = Path(model)
         ckpt = load_checkpoint(ckpt_path)
         ckpt_hash = file_sha256(ckpt_path)
-    if ckpt_hash is None:
+    if ckpt_hash is None:  # an in-memory checkpoint: hash the bytes of its tensors (any dtype)
         import hashlib
 
         import torch
@@ -274,9 +274,8 @@ def predict_scene(
         h = hashlib.sha256()
         for k in sorted(ckpt.state_dict):
             h.update(k.encode())
-            h.update(ckpt.state_dict[k].detach().cpu().contiguous().numpy().tobytes())
+            h.update(ckpt.state_dict[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
         ckpt_hash = h.hexdigest()
-        del torch
     tile = ckpt.tile_size if opts.tile_size is None else opts.tile_size
     overlap = default_overlap(tile) if opts.overlap is None else opts.overlap
     _check_tile_options(tile, overlap)

@@ -103,8 +103,4 @@ def _register_commands() -> None:
     import importlib
 
     for name in ("info", "predict", "vectorize", "train", "demo"):
-        try:
-            importlib.import_module(f"cdmap.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"cdmap.cli.{name}":
-                raise
+        importlib.import_module(f"cdmap.cli.{name}")
