@@ -205,7 +205,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
 # ----- scene ---------------------------------------------------------------------------------------------------
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".gml", ".kml")
-MASK_NODATA = 255
 ROW_STRIP = 512
 
 

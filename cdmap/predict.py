@@ -32,12 +32,14 @@ from cdmap.errors import Interrupted, OutputError, UsageError
 from cdmap.journal import WORKDIR_NAME, Journal
 from cdmap.tiling import StripStitcher, WindowGrid
 from cdmap.tiling.stitch import BlendStats
+from cdmap.vectorize import FORMATS as VECTOR_DRIVERS
 
 PROB_NAME = "change_probability.tif"
 MASK_NAME = "change_mask.tif"
 RUN_NAME = "run.json"
 VECTOR_NAME = "changes"
-VECTOR_FORMATS = {"gpkg": ".gpkg", "geojson": ".geojson", "fgb": ".fgb", "shp": ".shp", "none": None}
+# format name -> suffix of the file predict writes; the formats themselves are cdmap.vectorize's
+VECTOR_FORMATS = {name: suffixes[0] for name, (_driver, suffixes) in VECTOR_DRIVERS.items()} | {"none": None}
 MASK_NODATA = 255
 ROW_BLOCK = 512
 DEFAULT_OVERLAP_FRACTION = 0.125  # chosen from benchmarks/seam_overlap.py (see benchmarks/RESULTS.md)
