@@ -57,12 +57,13 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from cdmap.errors import IncompatibleInputsError, InputError, UsageError
+from cdmap.raster.valid import mask_kinds, read_valid
 
 try:  # GDAL errors raised directly (rasterio >= 1.3 chains them under RasterioIOError)
     from rasterio._err import CPLE_BaseError
@@ -227,18 +228,6 @@ def _open_checked(path: str, role: str) -> rasterio.DatasetReader:
     return ds
 
 
-def _mask_kind(flags: list[MaskFlags], alpha_is_data: bool, nodata: float | None) -> str:
-    if MaskFlags.all_valid in flags:
-        return "all_valid"
-    if MaskFlags.alpha in flags and alpha_is_data:  # the "alpha" band is read as data: not a mask
-        return "all_valid" if nodata is None else "nodata"
-    if MaskFlags.per_dataset in flags:  # internal mask or alpha band
-        return "per_dataset"
-    if MaskFlags.nodata in flags:
-        return "nodata"
-    return "per_band"
-
-
 def _inspect(ds: rasterio.DatasetReader, path: str, role: str, bands: list[int] | None,
              expected_bands: int | None) -> _Side:
     """Per-file checks: size, dtype, band selection, decodable pixels."""
@@ -275,7 +264,7 @@ def _inspect(ds: rasterio.DatasetReader, path: str, role: str, bands: list[int] 
     if any(ds.colorinterp[b - 1] == ColorInterp.palette for b in sel):
         notes.append(f"{role} ({Path(path).name}): paletted band; its palette indices are used as values")
     alpha_is_data = any(b in alpha for b in sel)
-    kinds = [_mask_kind(ds.mask_flag_enums[b - 1], alpha_is_data, ds.nodatavals[b - 1]) for b in sel]
+    kinds = mask_kinds(ds, sel, alpha_is_data)
     nodatavals = [ds.nodatavals[b - 1] for b in sel]
     nodata = next((v for v in nodatavals if v is not None), None)
     return _Side(role=role, path=path, bands=sel, dtype=dtype, crs=ds.crs, transform=ds.transform,
@@ -287,45 +276,9 @@ def _inspect(ds: rasterio.DatasetReader, path: str, role: str, bands: list[int] 
 # ----------------------------------------------------------------------------------------------- reads
 
 
-def _nodata_valid(band: np.ndarray, nodata: float | None) -> np.ndarray:
-    """True where ``band`` is not equal to ``nodata`` (NaN nodata matches NaN)."""
-    if nodata is None:
-        return np.ones(band.shape, dtype=bool)
-    if isinstance(nodata, float) and math.isnan(nodata):
-        return ~np.isnan(band) if band.dtype.kind == "f" else np.ones(band.shape, dtype=bool)
-    if band.dtype.kind in "iu":
-        info = np.iinfo(band.dtype)
-        if nodata != int(nodata) or not info.min <= nodata <= info.max:
-            return np.ones(band.shape, dtype=bool)  # a nodata value this dtype cannot hold never matches
-    return band != np.asarray(nodata).astype(band.dtype)
-
-
 def _read_direct(ds: Any, side: _Side, window: Window) -> tuple[np.ndarray, np.ndarray]:
     """Read ``side.bands`` of ``window`` as float32 plus the validity of that date."""
-    data = ds.read(side.bands, window=window)
-    h, w = data.shape[1:]
-    per_dataset: np.ndarray | None = None
-    valid: np.ndarray | None = None
-    for i, (band, kind) in enumerate(zip(side.bands, side.mask_kinds, strict=True)):
-        if kind == "all_valid":
-            band_valid = np.ones((h, w), dtype=bool)
-        elif kind == "nodata":
-            band_valid = _nodata_valid(data[i], ds.nodatavals[band - 1])
-        elif kind == "per_dataset":
-            if per_dataset is None:
-                per_dataset = ds.read_masks(band, window=window) > 0
-            band_valid = per_dataset
-        else:
-            band_valid = ds.read_masks(band, window=window) > 0
-        valid = band_valid.copy() if valid is None else (valid | band_valid)
-    assert valid is not None
-    out = data.astype(np.float32, copy=data.dtype != np.float32)
-    if data.dtype.kind == "f":  # integers (even int64/uint64) cannot become non-finite in float32
-        finite = np.isfinite(out)
-        if not finite.all():
-            valid &= finite.all(axis=0)
-            out[~finite] = 0.0
-    return out, valid
+    return read_valid(ds, side.bands, window, side.mask_kinds)
 
 
 def _read_warped(vrt: Any, side: _Side, alpha_index: int, window: Window) -> tuple[np.ndarray, np.ndarray]:
