@@ -40,10 +40,15 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
-    verbose_flag: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
+    verbose_flag: bool = typer.Option(False, "--verbose", "-v", help="Show debug messages and tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print warnings and errors only."),
 ) -> None:
     """cdmap: change maps, masks and polygons from two GeoTIFF scenes."""
+    from cdmap.cli import logs
+
     _state["verbose"] = verbose_flag or _state["verbose"]
+    if quiet:
+        logs.set_quiet()
 
 
 def fail(message: str, code: int) -> None:
@@ -60,11 +65,13 @@ def main(argv: list[str] | None = None) -> None:
         from click import ClickException
 
     from cdmap import errors
+    from cdmap.cli import logs
 
     args = list(sys.argv[1:] if argv is None else argv)
     _state["verbose"] = False
     if "--verbose" in args or "-v" in args or os.environ.get("CDMAP_VERBOSE"):
         _state["verbose"] = True
+    logs.install(verbose=_state["verbose"])
     _register_commands()
     command = typer.main.get_command(app)
     try:

@@ -1,0 +1,73 @@
+"""Options shared by several commands, defined once (name, help, parsing); commands give the default.
+
+Use them as annotations: ``device: Device = "auto"``. Parsing callbacks turn text into the values the
+library takes, so every command accepts and refuses the same spellings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cdmap.cli.logs import set_quiet
+
+# vector format names live with the vector writer; this light module keeps ``cdmap --help`` free of geopandas
+from cdmap.vector.formats import FORMAT_NAMES
+
+
+def parse_creation_options(values: list[str] | None) -> dict[str, str]:
+    """``["COMPRESS=ZSTD", ...]`` -> ``{"COMPRESS": "ZSTD"}``; rejects entries without ``=``."""
+    from cdmap.errors import UsageError
+
+    out = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--co expects NAME=VALUE, got {item!r}")
+        out[name.strip().upper()] = value.strip()
+    return out
+
+
+def parse_bands(value: str | None) -> list[int] | None:
+    """``"3,2,1"`` -> ``[3, 2, 1]`` (1-based band numbers, as in GDAL and rasterio)."""
+    from cdmap.errors import UsageError
+
+    if not value:
+        return None
+    try:
+        bands = [int(b) for b in value.split(",") if b.strip()]
+    except ValueError as exc:
+        raise UsageError(f"--bands expects comma-separated band numbers like 3,2,1, got {value!r}") from exc
+    if not bands or any(b < 1 for b in bands):
+        raise UsageError(f"--bands numbers start at 1, got {value!r}")
+    return bands
+
+
+def _quiet_callback(value: bool) -> bool:
+    if value:
+        set_quiet()
+    return value
+
+
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available, else CPU), cpu or cuda[:N].")]
+Precision = Annotated[str, typer.Option(
+    "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (fp16 on CUDA only).")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", callback=_quiet_callback, help="No progress bar, summary or notes; warnings and errors only.")]
+Threshold = Annotated[float | None, typer.Option(
+    "--threshold", help="P(change) threshold, 0..1 (default: the checkpoint's calibrated threshold).")]
+Workers = Annotated[int, typer.Option(
+    "--workers", help="Parallel readers: threads for scenes, DataLoader processes for tiles.")]
+Bands = Annotated[str | None, typer.Option(
+    "--bands", help="Bands to use, 1-based and in the model's order, e.g. 3,2,1 (default: all but alpha).")]
+CreationOptions = Annotated[list[str], typer.Option(
+    "--co", help="GDAL creation option NAME=VALUE for the rasters (repeatable).")]
+VectorFormat = Annotated[str, typer.Option(
+    "--vector-format", help=f"Polygon format: {', '.join(FORMAT_NAMES)} (GeoJSON is RFC 7946, WGS84).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows or tiles per model call.")]
+TileSize = Annotated[int | None, typer.Option(
+    "--tile-size", help="Window size in pixels (default: the checkpoint's training tile size).")]
+Model = Annotated[Path, typer.Option("--model", "-m", help="cdmap checkpoint (.pt).")]
