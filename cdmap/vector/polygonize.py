@@ -421,16 +421,18 @@ def vectorize_raster(
       (255 for cdmap masks) excluded; any other value is an :class:`InputError`.
 
     Nodata pixels (:func:`cdmap.raster.valid.read_valid`: GDAL mask, non-finite values) are never change.
-    Polygons are 4-connected regions with their holes, identical to polygonizing the whole raster at once. ``mean_prob``/``max_prob`` come from ``prob_raster``
-    when given (it must share the grid), else from ``raster`` itself when it is a probability raster, else are
-    null. ``min_area`` (m²) drops polygons whose final area is smaller; ``simplify`` (m) is a topology-preserving
-    Douglas-Peucker tolerance (a region that would not stay one valid polygon is kept unsimplified).
+    Polygons are 4-connected regions with their holes, identical to polygonizing the whole raster at once.
+    ``mean_prob``/``max_prob`` come from ``prob_raster`` when given (it must share the grid), else from
+    ``raster`` itself when it is a probability raster, else are null. ``min_area`` (m²) drops polygons whose
+    final area is smaller; ``simplify`` (m) is a topology-preserving Douglas-Peucker tolerance (a region that
+    would not stay one valid polygon is kept unsimplified).
 
     Attributes: ``id`` (1..n by the region's top row, then its left column), ``n_pixels``, ``area_m2``,
     ``perimeter_m`` (holes included; ``perim_m`` in Shapefiles), ``mean_prob``, ``max_prob``. An existing
-    ``output`` is replaced only with ``overwrite`` (the whole file, all layers). Areas are measured as the
+    ``output`` is replaced only with ``overwrite`` (the whole file, all layers). Areas are measured as
     :mod:`cdmap.vector.measure` says. Returns what was written.
     """
+    # over 60 lines only by the docstring above (the public contract); the body is open, stream, commit
     raster = Path(raster)
     output = Path(output)
     fmt = format_from_path(output, vector_format)
@@ -532,5 +534,3 @@ def _check_same_grid(src: Source, probs: Source) -> None:
         raise IncompatibleInputsError(
             f"probability raster is not on the same grid (CRS/transform) as {src.path}", path=probs.path
         )
-
-
