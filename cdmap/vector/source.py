@@ -1,7 +1,8 @@
 """Reading the raster to vectorise: what is change, and which probabilities go with it.
 
-Validity is the project's one rule, :func:`cdmap.raster.valid.read_valid` (GDAL mask flags, non-finite values
-invalid); nodata pixels are never change.
+Validity is the project's one rule, :func:`cdmap.raster.valid.read_valid` (GDAL mask flags, non-finite
+values invalid); nodata pixels are never change. It is imported when a raster is opened, so that importing
+:mod:`cdmap.vector` does not load rasterio.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from cdmap.errors import InputError
-from cdmap.raster.valid import mask_kinds, read_valid
 
 
 class Source:
@@ -22,6 +22,8 @@ class Source:
     def __init__(self, path: Path, role: str) -> None:
         import rasterio
         from rasterio.errors import RasterioIOError
+
+        from cdmap.raster.valid import mask_kinds
 
         if not path.exists():
             raise InputError("no such file", path=path)
@@ -52,6 +54,8 @@ class Source:
     def read(self, window: Any) -> tuple[np.ndarray, np.ndarray]:
         """Values (float32, 0 where not finite) and validity (:func:`read_valid`) of band 1 in ``window``."""
         from rasterio.errors import RasterioIOError
+
+        from cdmap.raster.valid import read_valid
 
         try:
             data, valid = read_valid(self.ds, [1], window, self.kinds)
