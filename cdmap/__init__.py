@@ -21,7 +21,7 @@ _EXPORTS = {
     "predict_scene": "cdmap.predict",
     "PredictOptions": "cdmap.predict",
     "PredictResult": "cdmap.predict",
-    "vectorize_raster": "cdmap.vectorize",
+    "vectorize_raster": "cdmap.vector",
     "TrainConfig": "cdmap.train",
     "evaluate_tiles": "cdmap.evaluate",
     "evaluate_scene": "cdmap.evaluate",

@@ -32,7 +32,7 @@ from cdmap.errors import Interrupted, OutputError, UsageError
 from cdmap.journal import WORKDIR_NAME, Journal
 from cdmap.tiling import StripStitcher, WindowGrid
 from cdmap.tiling.stitch import BlendStats
-from cdmap.vectorize import FORMATS as VECTOR_DRIVERS
+from cdmap.vector import FORMATS as VECTOR_DRIVERS
 
 PROB_NAME = "change_probability.tif"
 MASK_NAME = "change_mask.tif"
@@ -643,7 +643,7 @@ def _assemble(pair, grid, journal: Journal, finals, opts: PredictOptions, comput
         vec_stats = None
         tmp_vec = None
         if opts.vector_format != "none":
-            from cdmap.vectorize import vectorize_raster
+            from cdmap.vector import vectorize_raster
 
             t_v = time.perf_counter()
             _fault_point("vectorize")

@@ -418,7 +418,7 @@ DISK_FULL = [
 @pytest.mark.parametrize(("stage", "leave"), DISK_FULL)
 def test_disk_full(capfd, monkeypatch, tmpfs, ckpt, files, stage, leave):
     import cdmap.predict as predict_mod
-    import cdmap.vectorize as vectorize_mod
+    import cdmap.vector as vectorize_mod
 
     filled = []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from rasterio import features  # noqa: E402
 from rasterio.transform import from_origin  # noqa: E402
 
 from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError  # noqa: E402
-from cdmap.vectorize import vectorize_raster  # noqa: E402
+from cdmap.vector import vectorize_raster  # noqa: E402
 
 UTM_TRANSFORM = from_origin(500000.0, 4000000.0, 0.5, 0.5)  # the conftest default grid (EPSG:32633)
 
@@ -398,7 +399,7 @@ def test_ids_deterministic_and_ordered_by_top_left(tmp_path, blob):
 
 @pytest.mark.parametrize("suffix", [".gpkg", ".shp"])
 def test_batched_appends_equal_one_write(tmp_path, make_geotiff, monkeypatch, suffix):
-    import cdmap.vectorize as vec
+    import cdmap.vector.polygonize as vec
 
     mask = shapes_blob_mask()
     mask[np.random.default_rng(3).random(mask.shape) < 0.1] = 1  # specks: many small regions
@@ -447,12 +448,13 @@ def test_usage_and_input_errors(tmp_path, make_geotiff, blob):
     assert not (tmp_path / "o.gpkg").exists()
 
 
-def test_no_crs_warns_and_uses_map_units(tmp_path, make_geotiff):
+def test_no_crs_warns_and_uses_map_units(tmp_path, make_geotiff, caplog):
     mask = np.zeros((20, 20), dtype=np.uint8)
     mask[:4, :5] = 1
     path = make_geotiff(tmp_path / "m.tif", mask, crs=None, transform=from_origin(0, 20, 2.0, 2.0), nodata=255)
-    with pytest.warns(UserWarning, match="no CRS"):
+    with caplog.at_level(logging.WARNING, logger="cdmap"):
         stats = vectorize_raster(path, tmp_path / "o.gpkg")
+    assert any(r.levelno == logging.WARNING and "no CRS" in r.getMessage() for r in caplog.records)
     assert stats.crs is None and stats.changed_area_m2 == pytest.approx(80.0)
     with pytest.raises(UsageError, match="GeoJSON"):
         vectorize_raster(path, tmp_path / "o.geojson")

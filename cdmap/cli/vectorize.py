@@ -1,7 +1,10 @@
-"""``cdmap vectorize``: a thin layer over :func:`cdmap.vectorize.vectorize_raster`."""
+"""``cdmap vectorize``: a thin layer over :func:`cdmap.vector.vectorize_raster`."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -39,31 +42,45 @@ def vectorize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
 ) -> None:
     """Polygonize the change pixels of RASTER into OUTPUT (id, area_m2, perimeter_m, mean_prob, max_prob)."""
-    import warnings
+    from cdmap.vector import vectorize_raster
 
-    from cdmap.vectorize import vectorize_raster
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        try:
-            stats = vectorize_raster(
-                raster,
-                output,
-                threshold=threshold,
-                prob_raster=prob,
-                min_area=min_area,
-                simplify=simplify,
-                vector_format=vector_format,
-                layer=layer,
-                window_size=window_size,
-                overwrite=overwrite,
-            )
-        finally:
-            for w in caught:
-                if issubclass(w.category, UserWarning):
-                    typer.echo(f"cdmap: warning: {w.message}", err=True)
+    with _warnings_to_stderr():
+        stats = vectorize_raster(
+            raster,
+            output,
+            threshold=threshold,
+            prob_raster=prob,
+            min_area=min_area,
+            simplify=simplify,
+            vector_format=vector_format,
+            layer=layer,
+            window_size=window_size,
+            overwrite=overwrite,
+        )
     if not quiet:
         typer.echo(
             f"{stats.n_polygons} polygon{'s' if stats.n_polygons != 1 else ''}, "
             f"{stats.changed_area_m2:,.1f} m² changed -> {stats.path}"
         )
+
+
+class _StderrWarnings(logging.Handler):
+    """Prints the library's warnings as ``cdmap: warning: ...`` lines on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"cdmap: warning: {record.getMessage()}", err=True)
+
+
+@contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """While the command runs, warnings logged under ``cdmap`` reach the user (records still propagate)."""
+    logger = logging.getLogger("cdmap")
+    handler = _StderrWarnings()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
