@@ -11,20 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from cdmap.data import PairFiles, discover, load_split, read_image, read_label, size_grouped_batches
 from cdmap.errors import InputError
 from cdmap.train import augment as aug
-from cdmap.train.data import (
-    EpochSampler,
-    PairFiles,
-    TrainTiles,
-    compute_stats,
-    discover,
-    load_split,
-    read_image,
-    read_label,
-    sample_seed,
-    size_grouped_batches,
-)
+from cdmap.train.data import EpochSampler, TrainTiles, compute_stats, sample_seed
 from cdmap.train.losses import IGNORE_INDEX, CEDiceLoss, cross_entropy_loss, dice_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -158,11 +148,14 @@ def test_unreadable_file(tmp_path):
 
 
 def test_band_count_mismatch(tmp_path):
+    # 4 data bands: a uint16 GeoTIFF (a 4-band PNG is RGBA, whose alpha band is a mask, not data)
     root = make_split_set(tmp_path)
-    write(root / "train" / "B" / "t0.png", np.zeros((4, 32, 32), np.uint8))
+    (root / "train" / "B" / "t0.png").unlink()
+    write(root / "train" / "B" / "t0.tif", np.zeros((4, 32, 32), np.uint16))
     with pytest.raises(InputError, match=r"t0: band counts differ \(A 3, B 4\)"):
         discover(root)
-    write(root / "train" / "A" / "t0.png", np.zeros((4, 32, 32), np.uint8))
+    (root / "train" / "A" / "t0.png").unlink()
+    write(root / "train" / "A" / "t0.tif", np.zeros((4, 32, 32), np.uint16))
     with pytest.raises(InputError, match=r"t0: 4 bands \(most images have 3\)"):
         discover(root)
 
@@ -550,7 +543,7 @@ def test_tiles_skip_nodata_and_errors(tmp_path, make_pair, make_geotiff):
 def test_real_levir_samples_discover_and_oscd_label_trap(shared_data, tmp_path):
     import rasterio
 
-    from cdmap.train.data import label_problem
+    from cdmap.data import label_problem
 
     s = discover(shared_data / "levircd_bitcd_samples", val_fraction=0.2, seed=0)  # flat A/B/label
     assert len(s.train) + len(s.val) == 11 and s.bands == 3

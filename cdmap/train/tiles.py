@@ -1,7 +1,8 @@
 """``cdmap tiles``: cut a georeferenced scene pair and its labels into LEVIR-layout training tiles.
 
 The scene is cut into a grid of non-overlapping ``tile_size`` windows (edge tiles are smaller, so the whole scene is
-covered and nothing is resized or overlapped); windows where either date is entirely nodata are skipped. Tiles are
+covered and nothing is resized or overlapped); windows where either date holds no valid pixel (nodata value,
+mask or alpha band, NaN: the rule of :func:`cdmap.raster.valid.read_valid`) are skipped. Tiles are
 shuffled with ``seed`` and dealt to train/val/test by the ``split`` fractions (split by tile, deterministic). Every
 read is windowed, so scenes of any size fit in memory.
 
@@ -85,12 +86,11 @@ def _windows(height: int, width: int, size: int):
             yield Window(col, row, min(size, width - col), min(size, height - row))
 
 
-def _all_nodata(src, window) -> bool:
-    from rasterio.enums import MaskFlags
+def _all_nodata(src: Any, window: Any) -> bool:
+    """True when no pixel of ``window`` is valid under the project's one rule (:func:`cdmap.data.read_dataset`)."""
+    from cdmap.data import read_dataset
 
-    if all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums):
-        return False
-    return not src.dataset_mask(window=window).any()
+    return not read_dataset(src, window)[1].any()
 
 
 def make_tiles(
