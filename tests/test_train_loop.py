@@ -100,6 +100,41 @@ def test_config_validation():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_recipe_apart_from_runtime():
+    from cdmap.train import TrainRuntime
+
+    cfg = TrainConfig(epochs=3)
+    assert not {"workers", "device", "quiet", "overwrite", "stop_after_epoch", "val_batch_size"} & set(cfg.to_dict())
+    with pytest.warns(DeprecationWarning, match="workers, quiet"):
+        old = TrainConfig(epochs=3, workers=0, quiet=True)
+    assert old == cfg and old.legacy_runtime == {"workers": 0, "quiet": True}
+    assert TrainRuntime().with_overrides({"workers": 1}).workers == 1
+    with pytest.raises(TypeError, match="unknown runtime option"):
+        TrainRuntime().with_overrides({"epochs": 1})
+    with pytest.raises(UsageError, match="--workers"):
+        TrainRuntime(workers=-1)
+    with pytest.raises(UsageError, match="--precision"):
+        TrainConfig(precision="fp8")
+
+
+def test_backbone_registry_is_the_one_list():
+    from cdmap.models import BACKBONES, ModelConfig, build_backbone
+
+    assert list(BACKBONES) == ["resnet18", "resnet34", "resnet50", "efficientnet_lite0"]
+    for name in BACKBONES:
+        assert name in TrainConfig(backbone=name).backbone
+    assert build_backbone("resnet18", 4).conv1.in_channels == 4
+    with pytest.raises(ValueError, match="choose one of resnet18, resnet34, resnet50, efficientnet_lite0"):
+        ModelConfig(backbone="vgg")
+    with pytest.raises(UsageError, match="--backbone must be one of resnet18, "):
+        TrainConfig(backbone="vgg")
+    from cdmap.cli import train as cli_train
+
+    help_text = next(p.help for p in cli_train.train_cmd.__defaults__ if getattr(p, "param_decls", None) == (
+        "--backbone",))
+    assert all(name in help_text for name in BACKBONES)
+
+
 def test_run_folder_and_resume_errors(tmp_path):
     with pytest.raises(ResumeError, match="no last.pt"):
         resume(tmp_path / "nope")
