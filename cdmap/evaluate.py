@@ -119,12 +119,7 @@ def evaluate_tiles(
         raise IncompatibleInputsError(
             f"images have {pairs[0].bands} bands but the model expects {ckpt.in_channels}", Path(data_dir))
     predictor = Predictor.from_checkpoint(ckpt, device, precision)
-    maps_dir = Path(error_maps_dir) if error_maps_dir is not None else None
-    if maps_dir is not None:
-        try:
-            maps_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create folder: {exc.strerror or exc}", maps_dir) from exc
+    maps_dir = _make_dir(error_maps_dir)
     ds = EvalTiles(pairs, ckpt.mean, ckpt.std, ignore_index)
     loader = DataLoader(ds, batch_sampler=size_grouped_batches(pairs, max(1, batch_size)), num_workers=workers,
                         pin_memory=predictor.device.type == "cuda")
@@ -149,6 +144,16 @@ def evaluate_tiles(
         write_per_image_csv(csv_path, rows)
     src = str(Path(data_dir) / split) if (Path(data_dir) / split).is_dir() else str(data_dir)
     return EvalResult(counts=total, threshold=thr, source=src, n_images=len(rows), per_image=rows)
+
+
+def _make_dir(path: str | os.PathLike | None) -> Path | None:
+    if path is None:
+        return None
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create folder: {exc.strerror or exc}", Path(path)) from exc
+    return Path(path)
 
 
 def _tile_counts(pred: torch.Tensor, label: torch.Tensor) -> list[ConfusionCounts]:

@@ -69,6 +69,8 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or per-epoch lines."),
 ) -> None:
     """Train FSG-Net on change-detection tiles (reference recipe by default); torchrun for several GPUs."""
+    # Long only because typer declares the options in the signature; the body maps them to TrainConfig
+    # (the recipe) and TrainRuntime, then calls cdmap.train.train or cdmap.train.resume.
     from cdmap.errors import UsageError
     from cdmap.train import TrainConfig, TrainRuntime, train
     from cdmap.train import resume as resume_run
