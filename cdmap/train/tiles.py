@@ -159,8 +159,12 @@ def _open_sources(before: Path, after: Path, labels: Path, fmt: str) -> _Sources
 
     try:
         src = _Sources(rasterio.open(before), None)
+    except rasterio.errors.RasterioError as exc:
+        raise InputError(f"cannot open raster: {exc}") from exc
+    try:
         src.b = rasterio.open(after)
     except rasterio.errors.RasterioError as exc:
+        src.close()
         raise InputError(f"cannot open raster: {exc}") from exc
     try:
         a, b = src.a, src.b
