@@ -52,9 +52,8 @@ def run_demo(outdir: str | Path, *, epochs: int = 25, tiles: int = 48, tile_size
     before, after, truth = write_scene_pair(outdir / "scene", height=scene_height, width=scene_width, seed=seed + 7)
     say(f"cdmap demo: training FSG-Net (ResNet-18, from scratch) for {epochs} epochs on {data}")
     cfg = TrainConfig(epochs=epochs, batch_size=8, effective_batch=8, crop_size=tile_size, lr=1e-3,
-                      backbone_lr=1e-3, workers=0, seed=seed, device=device, quiet=quiet,
-                      dropblock_end_epoch=max(2, epochs))
-    result = train(data, outdir / "run", cfg)
+                      backbone_lr=1e-3, seed=seed, dropblock_end_epoch=max(2, epochs))
+    result = train(data, outdir / "run", cfg, workers=0, device=device, quiet=quiet)
     ckpt = result.best_path or result.last_path
     say(f"cdmap demo: best validation F1 {result.best_f1:.3f} at epoch {result.best_epoch}; mapping the scene")
     ev = evaluate_scene(before, after, truth, ckpt, outdir=outdir / "prediction", tile_size=tile_size,

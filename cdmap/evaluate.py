@@ -8,7 +8,6 @@ is the ignore index, or where either image is nodata, are excluded. Metric conve
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -20,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cdmap.device import autocast_dtype, resolve_device, resolve_precision
 from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
 from cdmap.metrics import ConfusionCounts
 
@@ -31,31 +29,6 @@ PER_IMAGE_FIELDS = ("name", "tp", "fp", "fn", "tn", "precision", "recall", "f1",
 ERROR_COLOURS = {
     "tn": (0, 0, 0), "tp": (255, 255, 255), "fp": (255, 0, 0), "fn": (0, 255, 0), "ignored": (128, 128, 128),
 }
-
-
-def change_probability(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor,
-                       autocast_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
-    """P(change) (B, H, W) float32 for normalised inputs already on the model's device (no grad)."""
-    import torch
-
-    if channels_last:
-        a = a.contiguous(memory_format=torch.channels_last)
-        b = b.contiguous(memory_format=torch.channels_last)
-    ctx = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(a.device.type, dtype=autocast_dtype)
-    with ctx:
-        logits = model(a, b)
-    return torch.softmax(logits.float(), dim=1)[:, 1]
-
-
-def accumulate_histograms(prob: torch.Tensor, label: torch.Tensor, pos_hist: torch.Tensor,
-                          neg_hist: torch.Tensor) -> None:
-    """Add per-class histograms of ``prob`` (bin k holds [k/n, (k+1)/n)) over valid pixels of ``label``."""
-    import torch
-
-    bins = pos_hist.shape[0]
-    k = (prob * bins).floor_().clamp_(0, bins - 1).long()
-    pos_hist += torch.bincount(k[label == 1], minlength=bins)
-    neg_hist += torch.bincount(k[label == 0], minlength=bins)
 
 
 # ----- results -------------------------------------------------------------------------------------------------
@@ -134,58 +107,36 @@ def evaluate_tiles(
     per-image CSV to ``csv_path`` and colour error maps (TP white, TN black, FP red, FN green, ignored grey) as
     ``<name>.png`` into ``error_maps_dir`` when given.
     """
-    import torch
     from torch.utils.data import DataLoader
 
-    from cdmap.train.data import EvalTiles, load_split, size_grouped_batches
+    from cdmap.data import EvalTiles, load_split, size_grouped_batches
+    from cdmap.inference import Predictor
 
     ckpt = _load_ckpt(checkpoint)
     thr = _check_threshold(threshold, ckpt.threshold)
-    pairs = load_split(data_dir, split, ignore_index, workers=max(1, workers))
+    pairs = load_split(data_dir, split, ignore_index, workers=max(1, workers), expected_bands=ckpt.in_channels)
     if pairs[0].bands != ckpt.in_channels:
         raise IncompatibleInputsError(
             f"images have {pairs[0].bands} bands but the model expects {ckpt.in_channels}", Path(data_dir))
-    dev = resolve_device(device)
-    ac = autocast_dtype(resolve_precision(precision, dev))
-    channels_last = dev.type == "cuda"
-    model = ckpt.build_model(str(dev))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    maps_dir = Path(error_maps_dir) if error_maps_dir is not None else None
-    if maps_dir is not None:
-        try:
-            maps_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create folder: {exc.strerror or exc}", maps_dir) from exc
+    predictor = Predictor.from_checkpoint(ckpt, device, precision)
+    maps_dir = _make_dir(error_maps_dir)
     ds = EvalTiles(pairs, ckpt.mean, ckpt.std, ignore_index)
     loader = DataLoader(ds, batch_sampler=size_grouped_batches(pairs, max(1, batch_size)), num_workers=workers,
-                        pin_memory=dev.type == "cuda")
+                        pin_memory=predictor.device.type == "cuda")
     total = ConfusionCounts()
     rows: list[dict[str, Any]] = []
     bar = _progress(len(loader), "evaluate", progress)
-    with torch.inference_mode():
-        for a, b, label, idx in loader:
-            a = a.to(dev, non_blocking=True)
-            b = b.to(dev, non_blocking=True)
-            label = label.to(dev, non_blocking=True)
-            prob = change_probability(model, a, b, ac, channels_last)
-            pred = prob >= thr
-            valid = (label == 0) | (label == 1)
-            truth = label == 1
-            tp = (pred & truth).sum((1, 2))
-            fp = (pred & ~truth & valid).sum((1, 2))
-            fn = (~pred & truth).sum((1, 2))
-            nvalid = valid.sum((1, 2))
-            stats = torch.stack([tp, fp, fn, nvalid], 1).cpu().tolist()
-            for j, (tp_i, fp_i, fn_i, n_i) in enumerate(stats):
-                c = ConfusionCounts(tp_i, fp_i, fn_i, n_i - tp_i - fp_i - fn_i)
-                total.add(c)
-                name = pairs[int(idx[j])].name
-                rows.append({"name": name, **c.metrics()})
-                if maps_dir is not None:
-                    _write_error_map(maps_dir / f"{name}.png", pred[j].cpu().numpy(), label[j].cpu().numpy())
-            if bar is not None:
-                bar.update(1)
+    for a, b, label, idx in loader:
+        label = label.to(predictor.device, non_blocking=True)
+        pred = predictor.probability(a, b) >= thr
+        for j, c in enumerate(_tile_counts(pred, label)):
+            total.add(c)
+            name = pairs[int(idx[j])].name
+            rows.append({"name": name, **c.metrics()})
+            if maps_dir is not None:
+                _write_error_map(maps_dir / f"{name}.png", pred[j].cpu().numpy(), label[j].cpu().numpy())
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
     rows.sort(key=lambda r: r["name"])
@@ -193,6 +144,30 @@ def evaluate_tiles(
         write_per_image_csv(csv_path, rows)
     src = str(Path(data_dir) / split) if (Path(data_dir) / split).is_dir() else str(data_dir)
     return EvalResult(counts=total, threshold=thr, source=src, n_images=len(rows), per_image=rows)
+
+
+def _make_dir(path: str | os.PathLike | None) -> Path | None:
+    if path is None:
+        return None
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create folder: {exc.strerror or exc}", Path(path)) from exc
+    return Path(path)
+
+
+def _tile_counts(pred: torch.Tensor, label: torch.Tensor) -> list[ConfusionCounts]:
+    """Confusion counts of each tile of a batch (pixels labelled neither 0 nor 1 excluded)."""
+    import torch
+
+    valid = (label == 0) | (label == 1)
+    truth = label == 1
+    tp = (pred & truth).sum((1, 2))
+    fp = (pred & ~truth & valid).sum((1, 2))
+    fn = (~pred & truth).sum((1, 2))
+    nvalid = valid.sum((1, 2))
+    stats = torch.stack([tp, fp, fn, nvalid], 1).cpu().tolist()
+    return [ConfusionCounts(tp_i, fp_i, fn_i, n_i - tp_i - fp_i - fn_i) for tp_i, fp_i, fn_i, n_i in stats]
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -19,8 +19,12 @@ Kappa is computed exactly from integers as ``2(tp*tn - fn*fp) / ((tp+fp)(fp+tn) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 METRIC_NAMES = ("precision", "recall", "f1", "iou", "oa", "kappa")
 
@@ -159,3 +163,14 @@ def best_threshold(pos_hist: np.ndarray, neg_hist: np.ndarray) -> tuple[float, C
     candidates = ks[scores >= best - 1e-12]
     k = int(candidates[np.argmin(np.abs(candidates - half))])
     return k / n, ConfusionCounts.from_histograms(pos, neg, k)
+
+
+def accumulate_histograms(prob: torch.Tensor, label: torch.Tensor, pos_hist: torch.Tensor,
+                          neg_hist: torch.Tensor) -> None:
+    """Add per-class histograms of ``prob`` (bin k holds [k/n, (k+1)/n)) over valid pixels of ``label``."""
+    import torch
+
+    bins = pos_hist.shape[0]
+    k = (prob * bins).floor_().clamp_(0, bins - 1).long()
+    pos_hist += torch.bincount(k[label == 1], minlength=bins)
+    neg_hist += torch.bincount(k[label == 0], minlength=bins)

@@ -11,20 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from cdmap.data import PairFiles, discover, load_split, read_image, read_label, size_grouped_batches
 from cdmap.errors import InputError
 from cdmap.train import augment as aug
-from cdmap.train.data import (
-    EpochSampler,
-    PairFiles,
-    TrainTiles,
-    compute_stats,
-    discover,
-    load_split,
-    read_image,
-    read_label,
-    sample_seed,
-    size_grouped_batches,
-)
+from cdmap.train.data import EpochSampler, TrainTiles, compute_stats, sample_seed
 from cdmap.train.losses import IGNORE_INDEX, CEDiceLoss, cross_entropy_loss, dice_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -158,11 +148,14 @@ def test_unreadable_file(tmp_path):
 
 
 def test_band_count_mismatch(tmp_path):
+    # 4 data bands: a uint16 GeoTIFF (a 4-band PNG is RGBA, whose alpha band is a mask, not data)
     root = make_split_set(tmp_path)
-    write(root / "train" / "B" / "t0.png", np.zeros((4, 32, 32), np.uint8))
+    (root / "train" / "B" / "t0.png").unlink()
+    write(root / "train" / "B" / "t0.tif", np.zeros((4, 32, 32), np.uint16))
     with pytest.raises(InputError, match=r"t0: band counts differ \(A 3, B 4\)"):
         discover(root)
-    write(root / "train" / "A" / "t0.png", np.zeros((4, 32, 32), np.uint8))
+    (root / "train" / "A" / "t0.png").unlink()
+    write(root / "train" / "A" / "t0.tif", np.zeros((4, 32, 32), np.uint16))
     with pytest.raises(InputError, match=r"t0: 4 bands \(most images have 3\)"):
         discover(root)
 
@@ -243,6 +236,90 @@ def test_read_image_nodata_and_nan(tmp_path):
     data, invalid = read_image(write(tmp_path / "x.tif", arr, nodata=0))
     assert invalid.tolist() == [[True, False], [False, True]]  # all bands nodata; any band NaN
     assert not np.isnan(data).any()
+
+
+# ----- one validity rule: tiles are invalid exactly where predict sees nodata ------------------------------------
+INVALID = np.zeros((16, 16), bool)
+INVALID[:5, :7] = True
+INVALID[9, 12] = True
+
+
+def _tile(path: Path, kind: str, invalid: np.ndarray) -> Path:
+    """A 16x16 GeoTIFF whose pixels are invalid at ``invalid`` through ``kind``: an internal mask band, an alpha
+    band (RGBA), a nodata value (in every band; one band alone at (12, 3) stays valid) or NaN (in one band)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    dtype = np.float32 if kind == "nan" else np.uint16 if kind == "nodata" else np.uint8
+    data = rng.integers(1, 200, (3, 16, 16)).astype(dtype)
+    prof = dict(driver="GTiff", width=16, height=16, count=3, dtype=dtype, crs="EPSG:32633",
+                transform=from_origin(500000.0, 4000000.0, 0.5, 0.5))
+    if kind == "nodata":
+        prof["nodata"] = 0
+        data[:, invalid] = 0
+        data[1, 12, 3] = 0
+    elif kind == "nan":
+        data[2, invalid] = np.nan
+    elif kind == "alpha":
+        alpha = np.where(invalid, 0, 255).astype(np.uint8)[None]
+        data = np.concatenate([data, alpha])
+        prof.update(count=4, photometric="RGB", alpha="YES")
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **prof) as dst:
+        dst.write(data)
+        if kind == "mask":
+            dst.write_mask(np.where(invalid, 0, 255).astype(np.uint8))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["mask", "alpha", "nodata", "nan"])
+def test_tile_validity_is_predicts(tmp_path, kind):
+    import rasterio
+
+    from cdmap.raster.pair import open_pair
+    from cdmap.train.tiles import _all_nodata
+
+    path = _tile(tmp_path / "A" / "t.tif", kind, INVALID)
+    if kind == "alpha":
+        with rasterio.open(path) as src:
+            assert src.colorinterp[3] == rasterio.enums.ColorInterp.alpha
+    data, invalid = read_image(path)
+    assert invalid.tolist() == INVALID.tolist()
+    a, _, valid = open_pair(path, path).read(0, 0, 16, 16)
+    assert np.array_equal(invalid, ~valid) and np.array_equal(data, a)  # the alpha band is a mask, not data
+    assert data.shape == (3, 16, 16)
+
+    # training and evaluation labels are IGNORE there, and only there
+    _tile(tmp_path / "B" / "t.tif", kind, np.zeros_like(INVALID))
+    write(tmp_path / "label" / "t.png", np.zeros((16, 16), np.uint8))
+    (pair,) = load_split(tmp_path)
+    assert pair.bands == 3
+    _, _, lab = TrainTiles([pair], [100.0] * 3, [50.0] * 3, crop_size=16)[(0, 0)]
+    assert (lab.numpy() == IGNORE_INDEX).tolist() == INVALID.tolist()
+    from cdmap.data import EvalTiles
+
+    ea, _, elab, _ = EvalTiles([pair], [100.0] * 3, [50.0] * 3)[0]
+    assert torch.equal(elab, lab) and (ea[:, torch.from_numpy(INVALID)] == 0).all()
+
+    # cdmap tiles skips a window only when nothing in it is valid, by the same rule
+    full = _tile(tmp_path / "full.tif", kind, np.ones_like(INVALID))
+    window = rasterio.windows.Window(0, 0, 16, 16)
+    with rasterio.open(path) as part, rasterio.open(full) as none:
+        assert not _all_nodata(part, window) and _all_nodata(none, window)
+
+
+def test_alpha_band_is_data_when_the_model_expects_every_band(tmp_path):
+    from cdmap.raster.pair import open_pair
+
+    path = _tile(tmp_path / "A" / "t.tif", "alpha", INVALID)
+    data, invalid = read_image(path, bands=4)
+    a, _, valid = open_pair(path, path, expected_bands=4).read(0, 0, 16, 16)
+    assert data.shape == (4, 16, 16) and not invalid.any()
+    assert np.array_equal(invalid, ~valid) and np.array_equal(data, a)
+    _tile(tmp_path / "B" / "t.tif", "alpha", INVALID)
+    write(tmp_path / "label" / "t.png", np.zeros((16, 16), np.uint8))
+    assert load_split(tmp_path, expected_bands=4)[0].bands == 4 and load_split(tmp_path)[0].bands == 3
 
 
 # ----- statistics ----------------------------------------------------------------------------------------------
@@ -550,7 +627,7 @@ def test_tiles_skip_nodata_and_errors(tmp_path, make_pair, make_geotiff):
 def test_real_levir_samples_discover_and_oscd_label_trap(shared_data, tmp_path):
     import rasterio
 
-    from cdmap.train.data import label_problem
+    from cdmap.data import label_problem
 
     s = discover(shared_data / "levircd_bitcd_samples", val_fraction=0.2, seed=0)  # flat A/B/label
     assert len(s.train) + len(s.val) == 11 and s.bands == 3

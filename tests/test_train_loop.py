@@ -14,8 +14,8 @@ import torch
 
 from cdmap.checkpoint import load_checkpoint
 from cdmap.errors import InputError, OutputError, ResumeError, UsageError
-from cdmap.train import TrainConfig, train
-from cdmap.train.loop import _rng_state, _set_rng_state, dropblock_schedule
+from cdmap.train import TrainConfig, resume, train
+from cdmap.train.state import dropblock_schedule, rng_state, set_rng_state
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 REPO = Path(__file__).resolve().parents[1]
@@ -77,14 +77,14 @@ def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):
     np.random.seed(3)
     random.seed(3)
     np.random.normal()  # has_gauss / cached values exercised
-    state = _rng_state()
+    state = rng_state()
     torch.save(state, tmp_path / "rng.pt")
     loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
     expect = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(99)
     np.random.seed(99)
     random.seed(99)
-    _set_rng_state(loaded)
+    set_rng_state(loaded)
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1]) and expect[2] == got[2]
 
@@ -100,16 +100,51 @@ def test_config_validation():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_recipe_apart_from_runtime():
+    from cdmap.train import TrainRuntime
+
+    cfg = TrainConfig(epochs=3)
+    assert not {"workers", "device", "quiet", "overwrite", "stop_after_epoch", "val_batch_size"} & set(cfg.to_dict())
+    with pytest.warns(DeprecationWarning, match="workers, quiet"):
+        old = TrainConfig(epochs=3, workers=0, quiet=True)
+    assert old == cfg and old.legacy_runtime == {"workers": 0, "quiet": True}
+    assert TrainRuntime().with_overrides({"workers": 1}).workers == 1
+    with pytest.raises(TypeError, match="unknown runtime option"):
+        TrainRuntime().with_overrides({"epochs": 1})
+    with pytest.raises(UsageError, match="--workers"):
+        TrainRuntime(workers=-1)
+    with pytest.raises(UsageError, match="--precision"):
+        TrainConfig(precision="fp8")
+
+
+def test_backbone_registry_is_the_one_list():
+    from cdmap.models import BACKBONES, ModelConfig, build_backbone
+
+    assert list(BACKBONES) == ["resnet18", "resnet34", "resnet50", "efficientnet_lite0"]
+    for name in BACKBONES:
+        assert name in TrainConfig(backbone=name).backbone
+    assert build_backbone("resnet18", 4).conv1.in_channels == 4
+    with pytest.raises(ValueError, match="choose one of resnet18, resnet34, resnet50, efficientnet_lite0"):
+        ModelConfig(backbone="vgg")
+    with pytest.raises(UsageError, match="--backbone must be one of resnet18, "):
+        TrainConfig(backbone="vgg")
+    from cdmap.cli import train as cli_train
+
+    help_text = next(p.help for p in cli_train.train_cmd.__defaults__ if getattr(p, "param_decls", None) == (
+        "--backbone",))
+    assert all(name in help_text for name in BACKBONES)
+
+
 def test_run_folder_and_resume_errors(tmp_path):
     with pytest.raises(ResumeError, match="no last.pt"):
-        train(None, tmp_path / "nope", resume=True)
+        resume(tmp_path / "nope")
     data = make_change_set(tmp_path / "d", n=2, size=32)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "best.pt").write_bytes(b"x")
     with pytest.raises(OutputError, match="already holds a training run"):
-        train(data, tmp_path / "run", TrainConfig(epochs=1, workers=0))
+        train(data, tmp_path / "run", TrainConfig(epochs=1), workers=0)
     with pytest.raises(InputError, match="--in-channels 4 given but the images have 3 bands"):
-        train(data, tmp_path / "run2", TrainConfig(epochs=1, workers=0, in_channels=4))
+        train(data, tmp_path / "run2", TrainConfig(epochs=1, in_channels=4), workers=0)
 
 
 # ----- training runs -------------------------------------------------------------------------------------------
@@ -118,9 +153,9 @@ def test_short_overfit_reaches_f1(tmp_path):
     from cdmap.evaluate import evaluate_tiles
 
     data = make_change_set(tmp_path / "d", n=4, size=64)
-    cfg = TrainConfig(epochs=14, batch_size=2, effective_batch=2, crop_size=64, workers=0, augment=False,
-                      lr=2e-3, backbone_lr=2e-3, val_batch_size=4, quiet=True)
-    result = train(data, tmp_path / "run", cfg)
+    cfg = TrainConfig(epochs=14, batch_size=2, effective_batch=2, crop_size=64, augment=False,
+                      lr=2e-3, backbone_lr=2e-3)
+    result = train(data, tmp_path / "run", cfg, workers=0, val_batch_size=4, quiet=True)
     assert result.finished and result.epochs_completed == 14
     assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 15
     ckpt = load_checkpoint(result.best_path)
@@ -147,8 +182,8 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     assert (tmp_path / "a" / "metrics.csv").read_text().count("\n") == 2
     main(["train", "--resume", str(tmp_path / "a"), "--quiet"])
 
-    full = train(data, tmp_path / "b", TrainConfig(epochs=2, batch_size=2, effective_batch=4, crop_size=32,
-                                                    workers=0, seed=7, quiet=True))
+    full = train(data, tmp_path / "b", TrainConfig(epochs=2, batch_size=2, effective_batch=4, crop_size=32, seed=7),
+                 workers=0, quiet=True)
     assert full.epochs_completed == 2
     resumed_ckpt = load_checkpoint(tmp_path / "a" / "last.pt")
     full_ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
@@ -167,15 +202,15 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     for ra, rb in zip(rows_a[1:], rows_b[1:], strict=True):  # same metrics; timings differ
         assert ra.split(",")[:7] == rb.split(",")[:7]
     with pytest.raises(ResumeError, match="already completed"):
-        train(None, tmp_path / "a", resume=True)
+        resume(tmp_path / "a")
 
 
 DDP_DRIVER = """
 import sys, torch
 from cdmap.train import TrainConfig, train
 data, run, out = sys.argv[1:4]
-cfg = TrainConfig(epochs=1, batch_size=2, effective_batch=4, crop_size=32, workers=0, device="cpu", quiet=True)
-res = train(data, run, cfg)
+cfg = TrainConfig(epochs=1, batch_size=2, effective_batch=4, crop_size=32)
+res = train(data, run, cfg, workers=0, device="cpu", quiet=True)
 import os
 torch.save({k: v.detach().clone() for k, v in res.model.state_dict().items()},
            f"{out}/rank{os.environ['RANK']}.pt")

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from cdmap.cli.app import app
+from cdmap.models.config import BACKBONES, DEFAULT_BACKBONE, backbone_names
 
 
 def parse_floats(value: str | None, option: str) -> list[float] | None:
@@ -42,11 +43,12 @@ def train_cmd(
     workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes (default: 4)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of weights, data order, augmentation (default: 2025)."),
     backbone: str | None = typer.Option(
-        None, "--backbone", help="resnet18, resnet34, resnet50 or efficientnet_lite0 (default: resnet18)."),
+        None, "--backbone", help=f"One of {backbone_names()} (default: {DEFAULT_BACKBONE})."),
     backbone_weights: Path | None = typer.Option(
         None, "--backbone-weights", help="ImageNet weights for the backbone (torchvision-style state dict)."),
     no_imagenet: bool = typer.Option(
-        False, "--no-imagenet", help="efficientnet_lite0: do not load its packaged ImageNet weights."),
+        False, "--no-imagenet", help="Do not load packaged ImageNet weights ("
+        f"{', '.join(n for n, b in BACKBONES.items() if b.imagenet_loader) or 'none'})."),
     in_channels: int | None = typer.Option(None, "--in-channels", help="Band count (default: inferred from the data)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: auto)."),
     precision: str | None = typer.Option(
@@ -67,8 +69,11 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or per-epoch lines."),
 ) -> None:
     """Train FSG-Net on change-detection tiles (reference recipe by default); torchrun for several GPUs."""
+    # Long only because typer declares the options in the signature; the body maps them to TrainConfig
+    # (the recipe) and TrainRuntime, then calls cdmap.train.train or cdmap.train.resume.
     from cdmap.errors import UsageError
-    from cdmap.train import TrainConfig, train
+    from cdmap.train import TrainConfig, TrainRuntime, train
+    from cdmap.train import resume as resume_run
 
     values = {
         "epochs": epochs, "lr": lr, "backbone_lr": backbone_lr, "min_lr": min_lr, "weight_decay": weight_decay,
@@ -78,28 +83,24 @@ def train_cmd(
         "ignore_index": ignore_index, "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"),
         "select_by": select_by,
     }
-    flags = {"augment": not no_augment, "imagenet": not no_imagenet, "overwrite": overwrite}
+    flags = {"augment": not no_augment, "imagenet": not no_imagenet}
     runtime = {"workers": workers, "device": device, "val_batch_size": val_batch_size,
                "stop_after_epoch": stop_after}
     runtime = {k: v for k, v in runtime.items() if v is not None}
     if resume is not None:
-        fixed = [k for k, v in values.items() if v is not None] + [k for k, v in flags.items() if v is not True
-                                                                  and k != "overwrite"]
+        fixed = [k for k, v in values.items() if v is not None] + [k for k, v in flags.items() if v is not True]
         if fixed or overwrite or output is not None:
             names = ", ".join("--" + k.replace("_", "-") for k in fixed) or "--output/--overwrite"
             raise UsageError(f"{names} cannot be changed when resuming; only --workers, --device, "
                              "--val-batch-size, --stop-after and --quiet can")
-        result = train(data, resume, resume=True, quiet=quiet, **runtime)
+        result = resume_run(resume, data, quiet=quiet, **runtime)
     else:
         if data is None:
             raise UsageError("missing DATA (or use --resume RUN)")
         if output is None:
             raise UsageError("missing -o/--output RUN folder")
-        kwargs = {k: v for k, v in values.items() if v is not None}
-        if "precision" in kwargs and kwargs["precision"] not in ("auto", "fp32", "bf16", "fp16"):
-            raise UsageError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
-        cfg = TrainConfig(quiet=quiet, **kwargs, **flags, **runtime)
-        result = train(data, output, cfg)
+        cfg = TrainConfig(**{k: v for k, v in values.items() if v is not None}, **flags)
+        result = train(data, output, cfg, TrainRuntime(quiet=quiet, overwrite=overwrite, **runtime))
     if not quiet and result.run_dir is not None:
         import os
 

@@ -208,17 +208,33 @@ class EfficientNetLite0Features(nn.Module):
         return feats
 
 
-def build_backbone(name: str, in_channels: int = 3) -> ResNetFeatures | EfficientNetLite0Features:
-    """A randomly initialised feature extractor by name (``resnet18|34|50``, ``efficientnet_lite0``)."""
-    if name == "resnet18":
-        return ResNetFeatures(BasicBlock, (2, 2, 2), in_channels)
-    if name == "resnet34":
-        return ResNetFeatures(BasicBlock, (3, 4, 6), in_channels)
-    if name == "resnet50":
-        return ResNetFeatures(Bottleneck, (3, 4, 6), in_channels)
-    if name == "efficientnet_lite0":
-        return EfficientNetLite0Features(in_channels)
-    raise ValueError(f"unknown backbone {name!r}")
+def resnet18(in_channels: int = 3) -> ResNetFeatures:
+    """ResNet-18 stem and ``layer1``-``layer3``."""
+    return ResNetFeatures(BasicBlock, (2, 2, 2), in_channels)
+
+
+def resnet34(in_channels: int = 3) -> ResNetFeatures:
+    """ResNet-34 stem and ``layer1``-``layer3``."""
+    return ResNetFeatures(BasicBlock, (3, 4, 6), in_channels)
+
+
+def resnet50(in_channels: int = 3) -> ResNetFeatures:
+    """ResNet-50 stem and ``layer1``-``layer3``."""
+    return ResNetFeatures(Bottleneck, (3, 4, 6), in_channels)
+
+
+def efficientnet_lite0(in_channels: int = 3) -> EfficientNetLite0Features:
+    """EfficientNet-Lite0 blocks 0-10."""
+    return EfficientNetLite0Features(in_channels)
+
+
+def build_backbone(name: str, in_channels: int = 3) -> nn.Module:
+    """A randomly initialised feature extractor by registered name (:data:`cdmap.models.config.BACKBONES`)."""
+    from cdmap.models.config import BACKBONES, backbone_names
+
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {backbone_names()}")
+    return BACKBONES[name].build(in_channels)
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -1,24 +1,35 @@
-"""Training FSG-Net on LEVIR-CD-style tiles: ``train(data_dir, run_dir, TrainConfig(...)) -> TrainResult``.
+"""Training FSG-Net on LEVIR-CD-style tiles: ``train(data_dir, run_dir, TrainConfig(...)) -> TrainResult`` and
+``resume(run_dir)``.
 
-Submodules: :mod:`~cdmap.train.data` (discovery, validation, statistics, datasets), :mod:`~cdmap.train.augment`
-(joint augmentations), :mod:`~cdmap.train.losses` (CE + Dice), :mod:`~cdmap.train.loop` (the trainer) and
-:mod:`~cdmap.train.tiles` (cutting a georeferenced scene pair into training tiles). The trainer is imported on
-first use, so ``cdmap.train.tiles`` does not pull in torch.
+Submodules: :mod:`~cdmap.train.config` (the recipe :class:`TrainConfig`, the :class:`TrainRuntime`, the result),
+:mod:`~cdmap.train.loop` (``train``, ``resume`` and the epoch steps), :mod:`~cdmap.train.build` (building a
+session), :mod:`~cdmap.train.data` (statistics, training crops, the epoch sampler), :mod:`~cdmap.train.augment`
+(joint augmentations), :mod:`~cdmap.train.losses` (CE + Dice), :mod:`~cdmap.train.state` (schedule, RNG states),
+:mod:`~cdmap.train.distributed` (torchrun) and :mod:`~cdmap.train.tiles` (cutting a georeferenced scene pair into
+training tiles). Tile folders themselves are :mod:`cdmap.data`. Names are imported on first use, so
+``cdmap.train.tiles`` does not pull in torch.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cdmap.train.loop import TrainConfig, TrainResult, train
+    from cdmap.train.config import TrainConfig, TrainResult, TrainRuntime
+    from cdmap.train.loop import resume, train
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+_EXPORTS = {
+    "TrainConfig": "cdmap.train.config",
+    "TrainResult": "cdmap.train.config",
+    "TrainRuntime": "cdmap.train.config",
+    "resume": "cdmap.train.loop",
+    "train": "cdmap.train.loop",
+}
+__all__ = ["TrainConfig", "TrainResult", "TrainRuntime", "resume", "train"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from cdmap.train import loop
-
-        return getattr(loop, name)
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'cdmap.train' has no attribute {name!r}")

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = 255
-"""The label value of pixels that count in no loss or metric (internal encoding: 0 no change, 1 change)."""
+from cdmap.data import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "CEDiceLoss", "cross_entropy_loss", "dice_loss"]
 
 
 def dice_loss(

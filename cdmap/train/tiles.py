@@ -1,7 +1,8 @@
 """``cdmap tiles``: cut a georeferenced scene pair and its labels into LEVIR-layout training tiles.
 
 The scene is cut into a grid of non-overlapping ``tile_size`` windows (edge tiles are smaller, so the whole scene is
-covered and nothing is resized or overlapped); windows where either date is entirely nodata are skipped. Tiles are
+covered and nothing is resized or overlapped); windows where either date holds no valid pixel (nodata value,
+mask or alpha band, NaN: the rule of :func:`cdmap.raster.valid.read_valid`) are skipped. Tiles are
 shuffled with ``seed`` and dealt to train/val/test by the ``split`` fractions (split by tile, deterministic). Every
 read is windowed, so scenes of any size fit in memory.
 
@@ -85,12 +86,11 @@ def _windows(height: int, width: int, size: int):
             yield Window(col, row, min(size, width - col), min(size, height - row))
 
 
-def _all_nodata(src, window) -> bool:
-    from rasterio.enums import MaskFlags
+def _all_nodata(src: Any, window: Any) -> bool:
+    """True when no pixel of ``window`` is valid under the project's one rule (:func:`cdmap.data.read_dataset`)."""
+    from cdmap.data import read_dataset
 
-    if all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums):
-        return False
-    return not src.dataset_mask(window=window).any()
+    return not read_dataset(src, window)[1].any()
 
 
 def make_tiles(
@@ -106,10 +106,6 @@ def make_tiles(
     overwrite: bool = False,
 ) -> TilesResult:
     """Cut ``before``/``after``/``labels`` into ``out_dir/{train,val,test}/{A,B,label}`` tiles (see module doc)."""
-    import rasterio
-
-    from cdmap.evaluate import rasterize_polygons, read_polygons
-
     fractions = parse_split(split)
     if tile_size < 16:
         raise UsageError(f"--tile-size must be >= 16, got {tile_size}")
@@ -121,95 +117,13 @@ def make_tiles(
         if not p.exists():
             raise InputError("file not found", p)
     _prepare_out(out_dir, overwrite)
-
-    is_vector = labels.suffix.lower() in VECTOR_SUFFIXES
+    src = _open_sources(before, after, labels, fmt)
     try:
-        src_a = rasterio.open(before)
-        src_b = rasterio.open(after)
-    except rasterio.errors.RasterioError as exc:
-        raise InputError(f"cannot open raster: {exc}") from exc
-    lab_src = None
-    gdf = None
-    try:
-        if not _same_grid(src_a, src_b):
-            raise IncompatibleInputsError(
-                f"BEFORE ({src_a.width}x{src_a.height}, {src_a.crs}) and AFTER ({src_b.width}x{src_b.height}, "
-                f"{src_b.crs}) are not on the same grid; align them first (e.g. gdalwarp -te/-tr)", after)
-        if src_a.count != src_b.count:
-            raise IncompatibleInputsError(f"BEFORE has {src_a.count} bands, AFTER {src_b.count}", after)
-        if fmt == "png" and (src_a.dtypes[0] not in ("uint8", "uint16") or src_a.count > 4):
-            raise UsageError(f"PNG tiles need uint8/uint16 images with at most 4 bands ({src_a.count} x "
-                             f"{src_a.dtypes[0]} here); use --format tif")
-        if is_vector:
-            gdf = read_polygons(labels, src_a.crs)
-        else:
-            try:
-                lab_src = rasterio.open(labels)
-            except rasterio.errors.RasterioError as exc:
-                raise InputError(f"cannot open label raster (or unknown polygon format): {exc}", labels) from exc
-            if not _same_grid(src_a, lab_src):
-                raise IncompatibleInputsError(
-                    f"label raster ({lab_src.width}x{lab_src.height}) is not on BEFORE's grid "
-                    f"({src_a.width}x{src_a.height})", labels)
-
-        windows = []
-        skipped = 0
-        for w in _windows(src_a.height, src_a.width, tile_size):
-            if _all_nodata(src_a, w) or _all_nodata(src_b, w):
-                skipped += 1
-            else:
-                windows.append(w)
-        if not windows:
-            raise InputError("every tile is nodata in one of the dates; nothing to write", before)
-        order = np.random.default_rng(seed).permutation(len(windows))
-        counts = split_counts(len(windows), fractions)
-        assignment: dict[int, str] = {}
-        start = 0
-        for name, n in zip(SPLITS, counts, strict=True):
-            for i in order[start : start + n]:
-                assignment[int(i)] = name
-            start += n
-
-        stem = before.stem
-        names: dict[str, list[str]] = {s: [] for s in SPLITS}
-        used_ignore = False
-        img_profile = {
-            "driver": "GTiff" if fmt == "tif" else "PNG",
-            "count": src_a.count,
-            "dtype": src_a.dtypes[0],
-            "nodata": src_a.nodata,
-            "crs": src_a.crs,
-        }
-        if fmt == "tif":
-            img_profile.update(compress="deflate")
-        for i, w in enumerate(windows):
-            split_name = assignment[i]
-            row, col = int(w.row_off), int(w.col_off)
-            name = f"{stem}_{row:05d}_{col:05d}"
-            transform = src_a.window_transform(w)
-            shape = (int(w.height), int(w.width))
-            if gdf is not None:
-                label = rasterize_polygons(gdf, transform, shape, value=255)
-            else:
-                raw = lab_src.read(1, window=w)
-                label = np.where(raw != 0, 255, 0).astype(np.uint8)
-                nd = lab_src.nodata
-                if nd is not None and nd != 0 and not (isinstance(nd, float) and np.isnan(nd)):
-                    bad = raw == nd
-                    if bad.any():
-                        label[bad] = LABEL_IGNORE
-                        used_ignore = True
-            for sub, src in (("A", src_a), ("B", src_b)):
-                prof = dict(img_profile, width=shape[1], height=shape[0], transform=transform)
-                _write(out_dir / split_name / sub / f"{name}.{fmt}", src.read(window=w), prof)
-            lprof = dict(img_profile, count=1, dtype="uint8", nodata=None, width=shape[1], height=shape[0],
-                         transform=transform)
-            _write(out_dir / split_name / "label" / f"{name}.{fmt}", label[None], lprof)
-            names[split_name].append(name)
+        windows, skipped = _valid_windows(src, tile_size, before)
+        assignment = _assign(len(windows), fractions, seed)
+        names, used_ignore = _write_tiles(src, windows, assignment, out_dir, before.stem, fmt)
     finally:
-        for s in (src_a, src_b, lab_src):
-            if s is not None:
-                s.close()
+        src.close()
     result = TilesResult(out_dir=out_dir, tile_size=tile_size, counts={s: len(v) for s, v in names.items()},
                          skipped_nodata=skipped, names={s: sorted(v) for s, v in names.items()},
                          ignore_index=LABEL_IGNORE if used_ignore else None)
@@ -220,6 +134,133 @@ def make_tiles(
     }
     (out_dir / "tiles.json").write_text(json.dumps(manifest, indent=2))
     return result
+
+
+@dataclass
+class _Sources:
+    """The open scene pair and its labels: a label raster (``lab``) or polygons (``gdf``)."""
+
+    a: Any
+    b: Any
+    lab: Any = None
+    gdf: Any = None
+
+    def close(self) -> None:
+        for s in (self.a, self.b, self.lab):
+            if s is not None:
+                s.close()
+
+
+def _open_sources(before: Path, after: Path, labels: Path, fmt: str) -> _Sources:
+    """Open and check the scene pair (same grid and bands, PNG-compatible) and the labels."""
+    import rasterio
+
+    from cdmap.evaluate import read_polygons
+
+    try:
+        src = _Sources(rasterio.open(before), None)
+    except rasterio.errors.RasterioError as exc:
+        raise InputError(f"cannot open raster: {exc}") from exc
+    try:
+        src.b = rasterio.open(after)
+    except rasterio.errors.RasterioError as exc:
+        src.close()
+        raise InputError(f"cannot open raster: {exc}") from exc
+    try:
+        a, b = src.a, src.b
+        if not _same_grid(a, b):
+            raise IncompatibleInputsError(
+                f"BEFORE ({a.width}x{a.height}, {a.crs}) and AFTER ({b.width}x{b.height}, "
+                f"{b.crs}) are not on the same grid; align them first (e.g. gdalwarp -te/-tr)", after)
+        if a.count != b.count:
+            raise IncompatibleInputsError(f"BEFORE has {a.count} bands, AFTER {b.count}", after)
+        if fmt == "png" and (a.dtypes[0] not in ("uint8", "uint16") or a.count > 4):
+            raise UsageError(f"PNG tiles need uint8/uint16 images with at most 4 bands ({a.count} x "
+                             f"{a.dtypes[0]} here); use --format tif")
+        if labels.suffix.lower() in VECTOR_SUFFIXES:
+            src.gdf = read_polygons(labels, a.crs)
+            return src
+        try:
+            src.lab = rasterio.open(labels)
+        except rasterio.errors.RasterioError as exc:
+            raise InputError(f"cannot open label raster (or unknown polygon format): {exc}", labels) from exc
+        if not _same_grid(a, src.lab):
+            raise IncompatibleInputsError(
+                f"label raster ({src.lab.width}x{src.lab.height}) is not on BEFORE's grid "
+                f"({a.width}x{a.height})", labels)
+        return src
+    except BaseException:
+        src.close()
+        raise
+
+
+def _valid_windows(src: _Sources, tile_size: int, before: Path) -> tuple[list[Any], int]:
+    """The grid windows where both dates hold a valid pixel, and how many were skipped."""
+    windows = []
+    skipped = 0
+    for w in _windows(src.a.height, src.a.width, tile_size):
+        if _all_nodata(src.a, w) or _all_nodata(src.b, w):
+            skipped += 1
+        else:
+            windows.append(w)
+    if not windows:
+        raise InputError("every tile is nodata in one of the dates; nothing to write", before)
+    return windows, skipped
+
+
+def _assign(n: int, fractions: tuple[float, float, float], seed: int) -> dict[int, str]:
+    """Window index -> split name: shuffled with ``seed``, dealt by :func:`split_counts`."""
+    order = np.random.default_rng(seed).permutation(n)
+    assignment: dict[int, str] = {}
+    start = 0
+    for name, count in zip(SPLITS, split_counts(n, fractions), strict=True):
+        for i in order[start : start + count]:
+            assignment[int(i)] = name
+        start += count
+    return assignment
+
+
+def _label_tile(src: _Sources, window: Any, transform: Any, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """The 0/255 label of a window (:data:`LABEL_IGNORE` where a label raster is nodata) and whether any is."""
+    from cdmap.evaluate import rasterize_polygons
+
+    if src.gdf is not None:
+        return rasterize_polygons(src.gdf, transform, shape, value=255), False
+    raw = src.lab.read(1, window=window)
+    label = np.where(raw != 0, 255, 0).astype(np.uint8)
+    nd = src.lab.nodata
+    if nd is not None and nd != 0 and not (isinstance(nd, float) and np.isnan(nd)):
+        bad = raw == nd
+        if bad.any():
+            label[bad] = LABEL_IGNORE
+            return label, True
+    return label, False
+
+
+def _write_tiles(src: _Sources, windows: list[Any], assignment: dict[int, str], out_dir: Path, stem: str,
+                 fmt: str) -> tuple[dict[str, list[str]], bool]:
+    """Write the A, B and label tiles of every window; the names per split and whether LABEL_IGNORE was used."""
+    names: dict[str, list[str]] = {s: [] for s in SPLITS}
+    used_ignore = False
+    img_profile = {"driver": "GTiff" if fmt == "tif" else "PNG", "count": src.a.count, "dtype": src.a.dtypes[0],
+                   "nodata": src.a.nodata, "crs": src.a.crs}
+    if fmt == "tif":
+        img_profile.update(compress="deflate")
+    for i, w in enumerate(windows):
+        split_name = assignment[i]
+        name = f"{stem}_{int(w.row_off):05d}_{int(w.col_off):05d}"
+        transform = src.a.window_transform(w)
+        shape = (int(w.height), int(w.width))
+        label, ignored = _label_tile(src, w, transform, shape)
+        used_ignore |= ignored
+        for sub, ds in (("A", src.a), ("B", src.b)):
+            prof = dict(img_profile, width=shape[1], height=shape[0], transform=transform)
+            _write(out_dir / split_name / sub / f"{name}.{fmt}", ds.read(window=w), prof)
+        lprof = dict(img_profile, count=1, dtype="uint8", nodata=None, width=shape[1], height=shape[0],
+                     transform=transform)
+        _write(out_dir / split_name / "label" / f"{name}.{fmt}", label[None], lprof)
+        names[split_name].append(name)
+    return names, used_ignore
 
 
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:

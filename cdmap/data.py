@@ -1,0 +1,401 @@
+"""Labelled tile folders: discovery and checks, reading images and labels, whole-tile evaluation datasets.
+
+Below both :mod:`cdmap.train` and :mod:`cdmap.evaluate`.
+
+Layouts
+-------
+- split: ``DATA/{train,val,test}/{A,B,label}/`` (the LEVIR-CD layout);
+- flat: ``DATA/{A,B,label}/``, split into train/val by ``val_fraction`` with a fixed seed.
+
+Files are matched by name stem, so ``A/x.tif`` pairs with ``B/x.tif`` and ``label/x.png``. Images may be PNG,
+JPEG or GeoTIFF with any band count and dtype; all images of a data set must have the same band count.
+
+Bands and validity: an image's data bands are all its bands but an alpha band, which is a validity mask, not
+data, exactly as predict treats a scene without ``--bands`` (:func:`cdmap.raster.pair.open_pair`). The one
+exception is the same as predict's: when the model expects exactly as many bands as the file has (``--in-channels``
+in training, the checkpoint's band count in evaluation) the alpha-tagged band is read as data (GDAL tags the 4th
+band of a 4-band Byte GeoTIFF as alpha by default, and RGB+NIR is more likely than RGBA). Validity follows the
+project's one rule, :func:`cdmap.raster.valid.read_valid` (nodata value, internal mask band, alpha band, per-band
+masks, non-finite values), so a tile pixel is invalid exactly where predict would treat it as nodata.
+
+Labels: band 1 is read (a 3-channel label uses channel 0); any non-zero value is change. A label is
+*unexpected* if it holds non-integer values, negative values, or more than one distinct non-zero value (the
+ignore index excluded): labels must be 0 plus one change value (1, 255, ...). This catches JPEG-compressed
+masks and 1/2-coded labels such as OSCD's (1 = no change, 2 = change), which would otherwise train silently on
+wrong targets. ``ignore_index`` marks pixels that count in no loss or metric; pixels where either image is
+invalid are ignored as well.
+
+Internally a label is uint8: 0 no change, 1 change, :data:`IGNORE_INDEX` (255) ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdmap.errors import InputError, UsageError
+from cdmap.inference import Normalisation
+from cdmap.raster.valid import mask_kinds, read_valid
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+SUBDIRS = ("A", "B", "label")
+MAX_LISTED = 5
+IGNORE_INDEX = 255
+"""The label value of pixels that count in no loss or metric (internal encoding: 0 no change, 1 change)."""
+
+
+@dataclass(frozen=True)
+class PairFiles:
+    """One (A, B, label) triplet and its raster size and data band count (filled in by validation)."""
+
+    name: str
+    a: Path
+    b: Path
+    label: Path
+    height: int = 0
+    width: int = 0
+    bands: int = 0
+
+
+@dataclass
+class DataSplits:
+    """Validated training and validation pairs."""
+
+    layout: str
+    train: list[PairFiles]
+    val: list[PairFiles]
+    bands: int
+
+
+# ----- reading ---------------------------------------------------------------------------------------------------
+def _open(path: Path) -> Any:
+    import rasterio
+
+    return rasterio.open(path)
+
+
+@contextlib.contextmanager
+def no_georef_warning() -> Iterator[None]:
+    """Silence rasterio's NotGeoreferencedWarning (PNG/JPEG tiles). Enter it from the main thread only:
+    ``warnings.catch_warnings`` is process-global, so thread pools run inside one such block."""
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+        yield
+
+
+def image_bands(src: Any, expected: int | None = None) -> tuple[list[int], bool]:
+    """The data bands (1-based) of an open image and whether an alpha band among them is read as data.
+
+    An alpha band is left out (it is a mask) unless the file has exactly ``expected`` bands, or no other band.
+    """
+    from rasterio.enums import ColorInterp
+
+    every = list(range(1, src.count + 1))
+    alpha = {i + 1 for i, ci in enumerate(src.colorinterp) if ci == ColorInterp.alpha}
+    data = [b for b in every if b not in alpha]
+    if not alpha or expected == src.count or not data:
+        return every, bool(alpha)
+    return data, False
+
+
+def read_dataset(src: Any, window: Any = None, bands: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read the data bands of an open image (window) as float32 ``(C, h, w)`` and its validity ``(h, w)``.
+
+    ``bands``: the expected data band count (see :func:`image_bands`); validity is :func:`read_valid`'s.
+    """
+    sel, alpha_is_data = image_bands(src, bands)
+    return read_valid(src, sel, window, mask_kinds(src, sel, alpha_is_data))
+
+
+def read_image(path: Path, window: Any = None, bands: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read an image (window) as float32 (C, h, w) and its *invalid* mask (h, w) (see :func:`read_dataset`)."""
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            data, valid = read_dataset(src, window, bands)
+    except rasterio.errors.RasterioError as exc:
+        raise InputError(f"cannot read image: {exc}", path) from exc
+    return data, ~valid
+
+
+def read_label(path: Path, window: Any = None, ignore_index: int | None = None) -> np.ndarray:
+    """Read band 1 of a label (window) as internal uint8: 0, 1 (any non-zero) or IGNORE_INDEX."""
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            raw = src.read(1, window=window)
+    except rasterio.errors.RasterioError as exc:
+        raise InputError(f"cannot read label: {exc}", path) from exc
+    out = (raw != 0).astype(np.uint8)
+    if ignore_index is not None:
+        out[raw == ignore_index] = IGNORE_INDEX
+    if np.issubdtype(raw.dtype, np.floating):
+        out[np.isnan(raw)] = IGNORE_INDEX
+    return out
+
+
+def read_sample(pair: PairFiles, window: Any, norm: Normalisation,
+                ignore_index: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both dates of ``pair`` (window) normalised, and the label with IGNORE_INDEX where either date is invalid."""
+    with no_georef_warning():
+        a, bad_a = read_image(pair.a, window, pair.bands)
+        b, bad_b = read_image(pair.b, window, pair.bands)
+        label = read_label(pair.label, window, ignore_index)
+    label[bad_a | bad_b] = IGNORE_INDEX
+    return norm.apply(a, ~bad_a), norm.apply(b, ~bad_b), label
+
+
+def label_problem(raw: np.ndarray, ignore_index: int | None) -> str | None:
+    """Why a label's values are unexpected (see module doc), or None when they are fine."""
+    if np.issubdtype(raw.dtype, np.floating):
+        if np.isnan(raw).any():
+            return "label holds NaN values"
+        if not np.all(raw == np.round(raw)):
+            return "label holds non-integer values"
+    if raw.dtype == np.uint8:
+        values = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+    else:
+        values = np.unique(raw)
+    if ignore_index is not None:
+        values = values[values != ignore_index]
+    positive = values[values > 0]
+    if (values < 0).any() or positive.size > 1:
+        shown = ", ".join(str(v) for v in values[:8].tolist()) + (", ..." if values.size > 8 else "")
+        hint = f" plus the ignore index {ignore_index}" if ignore_index is not None else ""
+        return f"label has unexpected values {{{shown}}} (expected 0 and one change value such as 1 or 255{hint})"
+    return None
+
+
+# ----- discovery and validation -------------------------------------------------------------------------------
+def _raise_problems(what: str, problems: Sequence[str], where: Path) -> None:
+    if not problems:
+        return
+    shown = "; ".join(problems[:MAX_LISTED])
+    more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    raise InputError(f"{len(problems)} {what}: {shown}{more}", where)
+
+
+def _list_images(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    files: dict[str, Path] = {}
+    problems: list[str] = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if p.stem in files:
+            problems.append(f"{folder.name}/{p.stem}: two files with this name ({files[p.stem].name}, {p.name})")
+            continue
+        files[p.stem] = p
+    return files, problems
+
+
+def find_pairs(folder: str | Path) -> list[PairFiles]:
+    """Match ``folder/{A,B,label}`` files by stem; missing partners raise one :class:`InputError`."""
+    folder = Path(folder)
+    missing_dirs = [d for d in SUBDIRS if not (folder / d).is_dir()]
+    if missing_dirs:
+        raise InputError(f"missing folder(s) {', '.join(d + '/' for d in missing_dirs)} (expected A/, B/, label/)",
+                         folder)
+    listing = {}
+    problems: list[str] = []
+    for d in SUBDIRS:
+        listing[d], dup = _list_images(folder / d)
+        problems += dup
+    names = sorted(set().union(*(set(v) for v in listing.values())))
+    pairs = []
+    for name in names:
+        absent = [d for d in SUBDIRS if name not in listing[d]]
+        if absent:
+            present = [d for d in SUBDIRS if d not in absent]
+            problems.append(f"{name}: in {'/'.join(present)}/ but missing in {'/'.join(absent)}/")
+            continue
+        pairs.append(PairFiles(name, listing["A"][name], listing["B"][name], listing["label"][name]))
+    _raise_problems("missing or ambiguous file(s)", problems, folder)
+    return pairs
+
+
+def _check_one(pair: PairFiles, ignore_index: int | None,
+               expected_bands: int | None) -> tuple[PairFiles | None, list[str]]:
+    shapes = {}
+    problems: list[str] = []
+    for key in ("a", "b", "label"):
+        path = getattr(pair, key)
+        try:
+            with _open(path) as src:
+                shapes[key] = (len(image_bands(src, expected_bands)[0]), src.height, src.width)
+                if key == "label":
+                    raw = src.read(1)
+        except Exception as exc:  # noqa: BLE001 - any failure to open or decode is "unreadable"
+            problems.append(f"{path.parent.name}/{path.name}: unreadable ({' '.join(str(exc).split())[:120]})")
+    if problems:
+        return None, problems
+    (ca, ha, wa), (cb, hb, wb), (_, hl, wl) = shapes["a"], shapes["b"], shapes["label"]
+    if (ha, wa) != (hb, wb) or (ha, wa) != (hl, wl):
+        problems.append(f"{pair.name}: sizes differ (A {wa}x{ha}, B {wb}x{hb}, label {wl}x{hl}; width x height)")
+    if ca != cb:
+        problems.append(f"{pair.name}: band counts differ (A {ca}, B {cb})")
+    why = label_problem(raw, ignore_index)
+    if why:
+        problems.append(f"{pair.label.parent.name}/{pair.label.name}: {why}")
+    if problems:
+        return None, problems
+    return PairFiles(pair.name, pair.a, pair.b, pair.label, ha, wa, ca), []
+
+
+def check_pairs(
+    pairs: Sequence[PairFiles], where: Path, ignore_index: int | None = None, workers: int = 1,
+    expected_bands: int | None = None,
+) -> list[PairFiles]:
+    """Open every file, check sizes, data band counts and label values; one :class:`InputError` lists problems.
+
+    ``expected_bands``: the band count of the model, if known (decides whether an alpha band is data).
+    """
+    with no_georef_warning(), ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(lambda p: _check_one(p, ignore_index, expected_bands), pairs))
+    problems = [msg for _, probs in results for msg in probs]
+    _raise_problems("problem(s) in the data", problems, where)
+    checked = [p for p, _ in results if p is not None]
+    bands = [p.bands for p in checked]
+    if bands and len(set(bands)) > 1:
+        common = max(set(bands), key=bands.count)
+        odd = [f"{p.name}: {p.bands} bands (most images have {common})" for p in checked if p.bands != common]
+        _raise_problems("image(s) with a different band count", odd, where)
+    return checked
+
+
+def _split_dir(data_dir: Path, split: str) -> Path | None:
+    d = data_dir / split
+    return d if (d / "A").is_dir() else None
+
+
+def layout_of(data_dir: str | Path) -> str:
+    """``"split"`` (DATA/train/A...), ``"flat"`` (DATA/A...), or raise :class:`InputError`."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError("data folder not found", data_dir)
+    if any((data_dir / s / "A").is_dir() for s in ("train", "val", "test")):
+        return "split"
+    if (data_dir / "A").is_dir():
+        return "flat"
+    raise InputError("not a change-detection data folder (expected {train,val,test}/{A,B,label}/ or {A,B,label}/)",
+                     data_dir)
+
+
+def split_names(names: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split of ``names`` (sorted first) with ``seed``."""
+    names = sorted(names)
+    if not 0 < val_fraction < 1:
+        raise UsageError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    n_val = max(1, round(len(names) * val_fraction))
+    perm = np.random.default_rng(seed).permutation(len(names))
+    val = sorted(names[i] for i in perm[:n_val])
+    train = sorted(names[i] for i in perm[n_val:])
+    return train, val
+
+
+def discover(
+    data_dir: str | Path,
+    *,
+    val_fraction: float | None = None,
+    seed: int = 0,
+    ignore_index: int | None = None,
+    workers: int = 1,
+    expected_bands: int | None = None,
+) -> DataSplits:
+    """Find, validate and split the training and validation pairs of ``data_dir`` (``expected_bands``: see
+    :func:`check_pairs`)."""
+    data_dir = Path(data_dir)
+    layout = layout_of(data_dir)
+    if layout == "flat":
+        pairs = find_pairs(data_dir)
+        if len(pairs) < 2:
+            raise InputError(f"{len(pairs)} pair(s) found; need at least 2 to split into train and val", data_dir)
+        train_names, val_names = split_names([p.name for p in pairs], 0.1 if val_fraction is None else val_fraction,
+                                             seed)
+        by_name = {p.name: p for p in pairs}
+        train, val = [by_name[n] for n in train_names], [by_name[n] for n in val_names]
+        where_train = where_val = data_dir
+    else:
+        tdir = _split_dir(data_dir, "train")
+        if tdir is None:
+            raise InputError("no train split (expected train/A, train/B, train/label)", data_dir)
+        train = find_pairs(tdir)
+        vdir = _split_dir(data_dir, "val")
+        where_train = tdir
+        if vdir is not None and val_fraction is None:
+            val = find_pairs(vdir)
+            where_val = vdir
+        elif val_fraction is not None:
+            train_names, val_names = split_names([p.name for p in train], val_fraction, seed)
+            by_name = {p.name: p for p in train}
+            train, val = [by_name[n] for n in train_names], [by_name[n] for n in val_names]
+            where_val = tdir
+        else:
+            raise InputError("no val split (expected val/A, val/B, val/label); or pass --val-fraction to "
+                             "hold out part of train", data_dir)
+    if not train:
+        raise InputError("the train split is empty (no A/B/label triplets)", where_train)
+    if not val:
+        raise InputError("the val split is empty (no A/B/label triplets)", where_val)
+    train = check_pairs(train, where_train, ignore_index, workers, expected_bands)
+    val = check_pairs(val, where_val, ignore_index, workers, expected_bands)
+    if train[0].bands != val[0].bands:
+        raise InputError(f"train images have {train[0].bands} bands but val images have {val[0].bands}", data_dir)
+    return DataSplits(layout, train, val, train[0].bands)
+
+
+def load_split(data_dir: str | Path, split: str = "test", ignore_index: int | None = None,
+               workers: int = 1, expected_bands: int | None = None) -> list[PairFiles]:
+    """The validated pairs of one split; a flat ``DATA/{A,B,label}`` (or a split folder itself) is used whole."""
+    data_dir = Path(data_dir)
+    layout = layout_of(data_dir)
+    if layout == "split":
+        folder = _split_dir(data_dir, split)
+        if folder is None:
+            raise InputError(f"no {split} split (expected {split}/A, {split}/B, {split}/label)", data_dir)
+    else:
+        folder = data_dir
+    pairs = find_pairs(folder)
+    if not pairs:
+        raise InputError(f"the {split} split is empty (no A/B/label triplets)", folder)
+    return check_pairs(pairs, folder, ignore_index, workers, expected_bands)
+
+
+# ----- whole tiles for evaluation -----------------------------------------------------------------------------
+class EvalTiles:
+    """Whole tiles at native resolution, normalised; returns ``(a, b, label, index)`` (a map-style dataset)."""
+
+    def __init__(self, pairs: Sequence[PairFiles], mean: Sequence[float], std: Sequence[float],
+                 ignore_index: int | None = None) -> None:
+        self.pairs = list(pairs)
+        self.norm = Normalisation.of(mean, std)
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, Any, int]:
+        import torch
+
+        a, b, label = read_sample(self.pairs[index], None, self.norm, self.ignore_index)
+        return torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(label), index
+
+
+def size_grouped_batches(pairs: Sequence[PairFiles], batch_size: int, rank: int = 0,
+                         world_size: int = 1) -> list[list[int]]:
+    """Batches of same-size tiles (order: sizes, then index), dealt round-robin to ``rank`` of ``world_size``."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault((p.height, p.width), []).append(i)
+    batches = [idx[i : i + batch_size] for _, idx in sorted(groups.items()) for i in range(0, len(idx), batch_size)]
+    return batches[rank::world_size]
