@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     names = build_layout(args.data_root, work / "data", args.seed)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, effective_batch=args.batch_size,
                       crop_size=args.crop_size, backbone=args.backbone, lr=args.lr, backbone_lr=args.backbone_lr,
-                      workers=args.workers, seed=args.seed, device="cpu", val_batch_size=4)
+                      seed=args.seed)
     t0 = time.perf_counter()
-    result = train(work / "data", work / "run", cfg)
+    result = train(work / "data", work / "run", cfg, workers=args.workers, device="cpu", val_batch_size=4)
     wall = time.perf_counter() - t0
     evals = {}
     for key, folder in (("val", "val"), ("val_levir", "val_levir"), ("val_dsifn", "val_dsifn")):

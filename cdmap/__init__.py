@@ -4,7 +4,8 @@ The public functions are imported lazily so that ``import cdmap`` (and ``cdmap -
 
 - :func:`cdmap.predict_scene` (``cdmap predict``)
 - :func:`cdmap.vectorize_raster` (``cdmap vectorize``)
-- :func:`cdmap.train.train` (``cdmap train``; ``cdmap.train`` is the training package)
+- :func:`cdmap.train.train`, :func:`cdmap.train.resume` (``cdmap train``; ``cdmap.train`` is the training package)
+- :class:`cdmap.Predictor` (one network + normalisation + device, used by predict, evaluate and training)
 - :func:`cdmap.evaluate_tiles`, :func:`cdmap.evaluate_scene` (``cdmap evaluate``)
 - :func:`cdmap.load_checkpoint`, :func:`cdmap.save_checkpoint`, :class:`cdmap.Checkpoint`
 - :class:`cdmap.FSGNet`, :class:`cdmap.ModelConfig`
@@ -23,6 +24,8 @@ _EXPORTS = {
     "PredictResult": "cdmap.predict",
     "vectorize_raster": "cdmap.vector",
     "TrainConfig": "cdmap.train",
+    "TrainRuntime": "cdmap.train",
+    "Predictor": "cdmap.inference",
     "evaluate_tiles": "cdmap.evaluate",
     "evaluate_scene": "cdmap.evaluate",
     "load_checkpoint": "cdmap.checkpoint",

@@ -21,6 +21,7 @@ import numpy as np
 
 from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
 from cdmap.metrics import ConfusionCounts
+from cdmap.vector.labels import VECTOR_SUFFIXES, rasterize_polygons, read_polygons
 
 if TYPE_CHECKING:
     import torch
@@ -179,7 +180,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 # ----- scene ---------------------------------------------------------------------------------------------------
-VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".gml", ".kml")
 ROW_STRIP = 512
 
 
@@ -228,39 +228,6 @@ def evaluate_scene(
     if tmp is None:
         extra["prediction"] = str(outdir)
     return EvalResult(counts=counts, threshold=thr, source=f"{before} -> {after}", n_images=1, extra=extra)
-
-
-def read_polygons(path: str | os.PathLike, crs: Any) -> Any:
-    """Non-empty polygons of an OGR vector file, reprojected to ``crs``."""
-    import geopandas as gpd
-
-    try:
-        gdf = gpd.read_file(path)
-    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
-        raise InputError(f"cannot read polygons: {' '.join(str(exc).split())[:200]}", path) from exc
-    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
-    if len(gdf):
-        if (gdf.crs is None) != (crs is None):
-            raise IncompatibleInputsError("polygons and raster must both have a CRS (or both none)", path)
-        if gdf.crs is not None and gdf.crs != crs:
-            gdf = gdf.to_crs(crs)
-    return gdf
-
-
-def rasterize_polygons(gdf: Any, transform: Any, shape: tuple[int, int], value: int = 1) -> np.ndarray:
-    """Burn the polygons of ``gdf`` (already in the grid's CRS) as ``value`` onto a (rows, cols) grid window."""
-    from rasterio.features import rasterize
-    from rasterio.transform import array_bounds
-    from shapely.geometry import box
-
-    if not len(gdf):
-        return np.zeros(shape, dtype=np.uint8)
-    west, south, east, north = array_bounds(shape[0], shape[1], transform)
-    idx = gdf.sindex.query(box(min(west, east), min(south, north), max(west, east), max(south, north)))
-    if len(idx) == 0:
-        return np.zeros(shape, dtype=np.uint8)
-    geoms = list(gdf.geometry.iloc[np.sort(idx)])
-    return rasterize(((g, value) for g in geoms), out_shape=shape, transform=transform, fill=0, dtype="uint8")
 
 
 def score_mask(

@@ -17,8 +17,8 @@ def main(work: Path) -> None:
     tiles = write_tile_set(work / "tiles", n_train=48, n_val=12, n_test=12, size=128)
     before, after, truth = write_scene_pair(work / "scene", height=1024, width=1280)
 
-    cfg = TrainConfig(epochs=25, batch_size=8, effective_batch=8, crop_size=128, backbone_lr=1e-3, workers=0)
-    run = train(tiles, work / "run", cfg)
+    cfg = TrainConfig(epochs=25, batch_size=8, effective_batch=8, crop_size=128, backbone_lr=1e-3)
+    run = train(tiles, work / "run", cfg, workers=0)
     print(f"best validation F1 {run.best_f1:.3f}, threshold {run.threshold:.3f} -> {run.best_path}")
 
     result = predict_scene(before, after, work / "prediction", run.best_path, tile_size=128, overwrite=True)

@@ -29,9 +29,8 @@ def levir_model(shared_data, tmp_path_factory):
             (data / split / sub).mkdir(parents=True)
             for n in subset:
                 shutil.copy(src / sub / n, data / split / sub / n)
-    cfg = TrainConfig(epochs=12, batch_size=4, effective_batch=8, crop_size=256, workers=0, seed=0, quiet=True,
-                      backbone_lr=1e-3)
-    result = train(data, tmp_path_factory.mktemp("levir_run"), cfg)
+    cfg = TrainConfig(epochs=12, batch_size=4, effective_batch=8, crop_size=256, seed=0, backbone_lr=1e-3)
+    result = train(data, tmp_path_factory.mktemp("levir_run"), cfg, workers=0, quiet=True)
     return result.best_path or result.last_path
 
 

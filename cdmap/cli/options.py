@@ -12,9 +12,7 @@ from typing import Annotated
 import typer
 
 from cdmap.cli.logs import set_quiet
-
-# vector format names live with the vector writer; this light module keeps ``cdmap --help`` free of geopandas
-from cdmap.vector.formats import FORMAT_NAMES
+from cdmap.vector import FORMATS  # light: cdmap.vector imports no rasterio/geopandas until used
 
 
 def parse_creation_options(values: list[str] | None) -> dict[str, str]:
@@ -65,7 +63,7 @@ Bands = Annotated[str | None, typer.Option(
 CreationOptions = Annotated[list[str], typer.Option(
     "--co", help="GDAL creation option NAME=VALUE for the rasters (repeatable).")]
 VectorFormat = Annotated[str, typer.Option(
-    "--vector-format", help=f"Polygon format: {', '.join(FORMAT_NAMES)} (GeoJSON is RFC 7946, WGS84).")]
+    "--vector-format", help=f"Polygon format: {', '.join(FORMATS)} (GeoJSON is RFC 7946, WGS84).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows or tiles per model call.")]
 TileSize = Annotated[int | None, typer.Option(

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
-from cdmap.evaluate import VECTOR_SUFFIXES
+from cdmap.vector.labels import VECTOR_SUFFIXES
 
 SPLITS = ("train", "val", "test")
 LABEL_IGNORE = 127
@@ -155,7 +155,7 @@ def _open_sources(before: Path, after: Path, labels: Path, fmt: str) -> _Sources
     """Open and check the scene pair (same grid and bands, PNG-compatible) and the labels."""
     import rasterio
 
-    from cdmap.evaluate import read_polygons
+    from cdmap.vector.labels import read_polygons
 
     try:
         src = _Sources(rasterio.open(before), None)
@@ -222,7 +222,7 @@ def _assign(n: int, fractions: tuple[float, float, float], seed: int) -> dict[in
 
 def _label_tile(src: _Sources, window: Any, transform: Any, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
     """The 0/255 label of a window (:data:`LABEL_IGNORE` where a label raster is nodata) and whether any is."""
-    from cdmap.evaluate import rasterize_polygons
+    from cdmap.vector.labels import rasterize_polygons
 
     if src.gdf is not None:
         return rasterize_polygons(src.gdf, transform, shape, value=255), False
