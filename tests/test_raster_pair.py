@@ -546,3 +546,38 @@ def test_real_oscd_hongkong_size_mismatch(shared_data, tmp_path):
     assert v.all()
     assert x.mean() > 0 and y.mean() > 0
     assert np.corrcoef(x[0].ravel(), y[0].ravel())[0, 1] > 0.3  # same place, two dates
+
+
+# ------------------------------------------------------------------------------------------ same_grid
+
+
+def test_same_grid_rule(tmp_path, make_geotiff):
+    from rasterio.crs import CRS
+
+    from cdmap.raster.pair import same_grid
+
+    a = make_geotiff(tmp_path / "a.tif", _grid(20, 30))
+    one_px_east = from_origin(ORIGIN[0] + 0.5, ORIGIN[1], 0.5, 0.5)
+    shifted = make_geotiff(tmp_path / "s.tif", _grid(20, 30), transform=one_px_east)
+    smaller = make_geotiff(tmp_path / "m.tif", _grid(19, 30))
+    with rasterio.open(a) as da, rasterio.open(shifted) as ds, rasterio.open(smaller) as dm:
+        assert same_grid(da, da)
+        assert not same_grid(da, ds) and not same_grid(da, dm)
+
+        class G:
+            width, height, transform = da.width, da.height, da.transform
+            crs = CRS.from_wkt(da.crs.to_wkt())  # spelled differently, the same CRS
+
+        assert same_grid(da, G)
+        G.crs = None
+        assert not same_grid(da, G) and same_grid(da, G, allow_missing_crs=True)
+
+
+def test_alignment_record_and_json(tmp_path, make_pair):
+    a, b, _ = make_pair(tmp_path, 20, 20)
+    with open_pair(a, b) as pair:
+        assert pair.alignment.mode == "same-grid" and pair.alignment.window_of_after is None
+        assert pair.alignment.to_dict() == {"mode": "same-grid", "reason": "same CRS, transform and size",
+                                            "resampling": None, "window_of_before": [0, 0, pair.width, pair.height]}
+        with pytest.raises(ValueError):
+            pair.read(Window(0.5, 0, 4, 4))
