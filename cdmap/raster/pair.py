@@ -651,19 +651,7 @@ def open_pair(
 
     Raises :class:`UsageError`, :class:`InputError` or :class:`IncompatibleInputsError` before any compute.
     """
-    if align not in ("auto", "strict"):
-        raise UsageError(f"--align must be 'auto' or 'strict', not {align!r}")
-    if resampling not in WARP_RESAMPLINGS:
-        raise UsageError(f"--resampling {resampling!r} is not one of {', '.join(WARP_RESAMPLINGS)}")
-    if bands is not None:
-        bands = list(bands)
-        if not bands:
-            raise UsageError("--bands is empty")
-        if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in bands):
-            raise UsageError(f"--bands must be whole band numbers, not {bands!r}")
-        bands = [int(x) for x in bands]
-    if expected_bands is not None and expected_bands < 1:
-        raise UsageError(f"expected_bands must be >= 1, not {expected_bands}")
+    bands = _check_arguments(bands, expected_bands, align, resampling)
     before_s, after_s = os.fspath(before), os.fspath(after)
 
     ds_b = _open_checked(before_s, "before")
@@ -703,6 +691,25 @@ def open_pair(
     for note in notes:
         log.info("%s", note)
     return pair
+
+
+def _check_arguments(bands: list[int] | None, expected_bands: int | None, align: str, resampling: str
+                     ) -> list[int] | None:
+    """Validate :func:`open_pair`'s arguments (:class:`UsageError`); returns ``bands`` as a list of ints."""
+    if align not in ("auto", "strict"):
+        raise UsageError(f"--align must be 'auto' or 'strict', not {align!r}")
+    if resampling not in WARP_RESAMPLINGS:
+        raise UsageError(f"--resampling {resampling!r} is not one of {', '.join(WARP_RESAMPLINGS)}")
+    if bands is not None:
+        bands = list(bands)
+        if not bands:
+            raise UsageError("--bands is empty")
+        if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in bands):
+            raise UsageError(f"--bands must be whole band numbers, not {bands!r}")
+        bands = [int(x) for x in bands]
+    if expected_bands is not None and expected_bands < 1:
+        raise UsageError(f"expected_bands must be >= 1, not {expected_bands}")
+    return bands
 
 
 def _check_band_counts(side_b: _Side, side_a: _Side, bands: list[int] | None, expected_bands: int | None) -> None:
