@@ -54,7 +54,8 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     training_state: dict[str, Any] | None = None
-    source: Path | None = field(default=None, compare=False)
+    # set only by load_checkpoint/save_checkpoint (a dataclasses.replace() copy has no file: both reset)
+    source: Path | None = field(default=None, init=False, compare=False)
     _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

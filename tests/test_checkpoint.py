@@ -99,3 +99,13 @@ def test_in_memory_checkpoint_hashes_its_tensors_once():
     assert ck.source is None and ck.sha256 == tensor_sha256(ck.state_dict) and len(ck.sha256) == 64
     other = Checkpoint(ModelConfig(), {k: v + 1 for k, v in model.state_dict().items()}, [0.0] * 3, [1.0] * 3)
     assert other.sha256 != ck.sha256
+
+
+def test_a_modified_copy_has_no_file(saved):
+    import dataclasses
+
+    from cdmap.checkpoint import tensor_sha256
+
+    ck = load_checkpoint(saved[0])
+    copy = dataclasses.replace(ck, threshold=0.1)
+    assert copy.source is None and copy.sha256 == tensor_sha256(ck.state_dict) != ck.sha256

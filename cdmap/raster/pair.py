@@ -529,7 +529,7 @@ class _Layout:
     notes: tuple[str, ...] = ()
 
 
-def _win_list(w: Window) -> tuple[int, int, int, int]:
+def _win_tuple(w: Window) -> tuple[int, int, int, int]:
     return (int(w.col_off), int(w.row_off), int(w.width), int(w.height))
 
 
@@ -551,7 +551,7 @@ def _align(b: _Side, a: _Side, *, align: str, resampling: str, allow_no_crs: boo
     diffs = _describe_difference(b, a, crs_same)
     if crs_same and same_grid(b, a):
         win = Window(0, 0, b.width, b.height)
-        alignment = Alignment("same-grid", "same CRS, transform and size", None, _win_list(win))
+        alignment = Alignment("same-grid", "same CRS, transform and size", None, _win_tuple(win))
         return _Layout(alignment, win, win, None, tuple(notes))
     if crs_same and same_pixel_geometry(b.transform, a.transform):
         dc, dr = ~b.transform @ (a.transform.c, a.transform.f)
@@ -579,7 +579,7 @@ def _align_no_crs(b: _Side, a: _Side, *, align: str, allow_no_crs: bool) -> _Lay
                                           f"{b.height} vs {a.width}x{a.height} pixels")
         reason = (f"no CRS on either date and sizes differ ({b.width}x{b.height} vs "
                   f"{a.width}x{a.height}): common top-left {win.width}x{win.height} pixels")
-        alignment = Alignment("window", reason, None, _win_list(win), _win_list(win))
+        alignment = Alignment("window", reason, None, _win_tuple(win), _win_tuple(win))
     return _Layout(alignment, win, Window(0, 0, win.width, win.height), None, (f"no CRS: {alignment.reason}",))
 
 
@@ -599,7 +599,7 @@ def _align_window(b: _Side, a: _Side, dc: int, dr: int, *, align: str, diffs: li
                      f"{win.width}x{win.height} pixels of before's {b.width}x{b.height} grid "
                      f"(cols {win.col_off}-{win.col_off + win.width - 1}, "
                      f"rows {win.row_off}-{win.row_off + win.height - 1})"]
-    return _Layout(Alignment("window", reason, None, _win_list(win), _win_list(a_win)), win, a_win, None,
+    return _Layout(Alignment("window", reason, None, _win_tuple(win), _win_tuple(a_win)), win, a_win, None,
                    tuple(notes))
 
 
@@ -626,7 +626,7 @@ def _align_warped(b: _Side, a: _Side, a_crs: CRS, *, resampling: str, add_alpha:
     if (win.width, win.height) != (b.width, b.height):
         notes.append(f"output covers the common extent: {win.width}x{win.height} pixels of before's "
                      f"{b.width}x{b.height} grid (cols {col0}-{col1 - 1}, rows {row0}-{row1 - 1})")
-    return _Layout(Alignment("warped", reason, resampling, _win_list(win)), win, None, warp, tuple(notes))
+    return _Layout(Alignment("warped", reason, resampling, _win_tuple(win)), win, None, warp, tuple(notes))
 
 
 # ------------------------------------------------------------------------------------------- open_pair
