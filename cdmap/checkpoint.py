@@ -14,6 +14,11 @@ A checkpoint is a dict of tensors and plain containers (str, int, float, bool, l
     training_state    optional dict for exact resume (optimiser, scheduler, RNG, ...), plain containers only
 
 Anything else (a pickled object, a truncated file, a newer format) is refused with a :class:`CheckpointError`.
+
+A :class:`Checkpoint` knows where it came from: ``source`` is the file it was loaded from or saved to (None
+for one only ever in memory) and ``sha256`` is that file's SHA-256, set by :func:`load_checkpoint` and
+:func:`save_checkpoint`. A checkpoint with no file hashes its tensors instead (:func:`tensor_sha256`), once,
+the first time ``sha256`` is read.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     training_state: dict[str, Any] | None = None
+    # set only by load_checkpoint/save_checkpoint (a dataclasses.replace() copy has no file: both reset)
+    source: Path | None = field(default=None, init=False, compare=False)
+    _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         bands = self.model_config.in_channels
@@ -60,6 +68,18 @@ class Checkpoint:
     @property
     def in_channels(self) -> int:
         return self.model_config.in_channels
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the checkpoint file (``source``); without a file, :func:`tensor_sha256` of the weights,
+        computed once (later changes to ``state_dict`` are not seen)."""
+        if self._sha256 is None:
+            self._sha256 = tensor_sha256(self.state_dict)
+        return self._sha256
+
+    def _set_file(self, path: Path, sha256: str) -> None:
+        self.source = path
+        self._sha256 = sha256
 
     def to_payload(self) -> dict[str, Any]:
         import torch
@@ -125,10 +145,12 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt.to_payload(), tmp)
+        digest = file_sha256(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write checkpoint: {exc.strerror or exc}", path) from exc
+    ckpt._set_file(path, digest)
     return path
 
 
@@ -157,7 +179,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
         ) from exc
     except Exception as exc:  # torch raises RuntimeError/EOFError/etc. for damaged archives
         raise CheckpointError(f"checkpoint is truncated or corrupt ({type(exc).__name__})", path) from exc
-    return _from_payload(payload, path)
+    ckpt = _from_payload(payload, path)
+    ckpt._set_file(path, hashlib.sha256(data).hexdigest())
+    return ckpt
 
 
 def _zip_complete(data: bytes) -> bool:
@@ -194,6 +218,18 @@ def _from_payload(payload: Any, path: Path) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"cdmap checkpoint is missing or has a bad field ({exc})", path) from exc
+
+
+def tensor_sha256(state_dict: dict[str, Any]) -> str:
+    """Hex SHA-256 of a state dict's content: for each key in sorted order, the key (UTF-8) then the raw
+    bytes of its tensor (CPU, contiguous, any dtype). Used for checkpoints that were never a file."""
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

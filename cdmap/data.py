@@ -42,7 +42,7 @@ import numpy as np
 
 from cdmap.errors import InputError, UsageError
 from cdmap.inference import Normalisation
-from cdmap.raster.valid import mask_kinds, read_valid
+from cdmap.raster.valid import data_bands, mask_kinds, read_valid
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 SUBDIRS = ("A", "B", "label")
@@ -92,27 +92,13 @@ def no_georef_warning() -> Iterator[None]:
         yield
 
 
-def image_bands(src: Any, expected: int | None = None) -> tuple[list[int], bool]:
-    """The data bands (1-based) of an open image and whether an alpha band among them is read as data.
-
-    An alpha band is left out (it is a mask) unless the file has exactly ``expected`` bands, or no other band.
-    """
-    from rasterio.enums import ColorInterp
-
-    every = list(range(1, src.count + 1))
-    alpha = {i + 1 for i, ci in enumerate(src.colorinterp) if ci == ColorInterp.alpha}
-    data = [b for b in every if b not in alpha]
-    if not alpha or expected == src.count or not data:
-        return every, bool(alpha)
-    return data, False
-
-
 def read_dataset(src: Any, window: Any = None, bands: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read the data bands of an open image (window) as float32 ``(C, h, w)`` and its validity ``(h, w)``.
 
-    ``bands``: the expected data band count (see :func:`image_bands`); validity is :func:`read_valid`'s.
+    ``bands``: the expected data band count (see :func:`cdmap.raster.valid.data_bands`); validity is
+    :func:`read_valid`'s.
     """
-    sel, alpha_is_data = image_bands(src, bands)
+    sel, alpha_is_data = data_bands(src, bands)
     return read_valid(src, sel, window, mask_kinds(src, sel, alpha_is_data))
 
 
@@ -232,7 +218,7 @@ def _check_one(pair: PairFiles, ignore_index: int | None,
         path = getattr(pair, key)
         try:
             with _open(path) as src:
-                shapes[key] = (len(image_bands(src, expected_bands)[0]), src.height, src.width)
+                shapes[key] = (len(data_bands(src, expected_bands)[0]), src.height, src.width)
                 if key == "label":
                     raw = src.read(1)
         except Exception as exc:  # noqa: BLE001 - any failure to open or decode is "unreadable"

@@ -244,6 +244,8 @@ def score_mask(
     import rasterio
     from rasterio.windows import Window
 
+    from cdmap.raster.grid import same_grid
+
     mask, labels = Path(mask), Path(labels)
     if not labels.exists():
         raise InputError("label file not found", labels)
@@ -254,9 +256,7 @@ def score_mask(
         gdf = read_polygons(labels, src.crs) if is_vector else None
         lab = None if is_vector else rasterio.open(labels)
         try:
-            if lab is not None and ((lab.height, lab.width) != (height, width) or (
-                    lab.crs is not None and src.crs is not None
-                    and (lab.crs != src.crs or not lab.transform.almost_equals(src.transform)))):
+            if lab is not None and not same_grid(lab, src, allow_missing_crs=True):
                 raise IncompatibleInputsError(
                     f"label raster ({lab.width}x{lab.height}) is not on the prediction grid ({width}x{height})",
                     labels)

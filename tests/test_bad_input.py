@@ -402,7 +402,7 @@ def tmpfs(tmp_path):
         _umount(mnt)
 
 
-# (stage, bytes left): the disk fills at a _fault_point phase of cdmap.predict ("strip": after the 40x40 scene's
+# (stage, bytes left): the disk fills at a fault_point phase of cdmap.process ("strip": after the 40x40 scene's
 # only strip, i.e. just before the rasters are created), or before the run ("start"), or after the polygons
 # ("run.json")
 DISK_FULL = [
@@ -417,7 +417,7 @@ DISK_FULL = [
 
 @pytest.mark.parametrize(("stage", "leave"), DISK_FULL)
 def test_disk_full(capfd, monkeypatch, tmpfs, ckpt, files, stage, leave):
-    import cdmap.predict as predict_mod
+    import cdmap.process as process_mod
     import cdmap.vector as vectorize_mod
 
     filled = []
@@ -427,14 +427,14 @@ def test_disk_full(capfd, monkeypatch, tmpfs, ckpt, files, stage, leave):
             filled.append(True)
             _fill(tmpfs, leave)
 
-    real_fault_point = predict_mod._fault_point
+    real_fault_point = process_mod.fault_point
 
     def fault_point(phase):
         if phase == stage:
             fill_once()
         real_fault_point(phase)
 
-    monkeypatch.setattr(predict_mod, "_fault_point", fault_point)
+    monkeypatch.setattr(process_mod, "fault_point", fault_point)
     if stage == "run.json":
         real_vectorize = vectorize_mod.vectorize_raster
 

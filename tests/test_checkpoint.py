@@ -80,3 +80,32 @@ def test_refuses_what_is_not_a_checkpoint(tmp_path, saved):
     assert "pickled" in messages["pickle"]
     assert "truncated" in messages["truncated"]
     assert "not a cdmap checkpoint" in messages["plain torch file"]
+
+
+def test_sha256_is_the_file_hash_once_loaded_or_saved(saved, tmp_path):
+    path, _ = saved
+    ck = load_checkpoint(path)
+    assert ck.source == path and ck.sha256 == file_sha256(path)
+    again = save_checkpoint(ck, tmp_path / "again.pt")
+    assert ck.source == again and ck.sha256 == file_sha256(again)
+
+
+def test_in_memory_checkpoint_hashes_its_tensors_once():
+    from cdmap.checkpoint import tensor_sha256
+    from cdmap.models import FSGNet
+
+    model = FSGNet(ModelConfig())
+    ck = Checkpoint(ModelConfig(), model.state_dict(), [0.0] * 3, [1.0] * 3)
+    assert ck.source is None and ck.sha256 == tensor_sha256(ck.state_dict) and len(ck.sha256) == 64
+    other = Checkpoint(ModelConfig(), {k: v + 1 for k, v in model.state_dict().items()}, [0.0] * 3, [1.0] * 3)
+    assert other.sha256 != ck.sha256
+
+
+def test_a_modified_copy_has_no_file(saved):
+    import dataclasses
+
+    from cdmap.checkpoint import tensor_sha256
+
+    ck = load_checkpoint(saved[0])
+    copy = dataclasses.replace(ck, threshold=0.1)
+    assert copy.source is None and copy.sha256 == tensor_sha256(ck.state_dict) != ck.sha256

@@ -288,3 +288,27 @@ def test_property_results_do_not_depend_on_batch_size_or_workers(tmp_path_factor
         np.testing.assert_allclose(_read(got.probability)[0], want, atol=2e-5)
 
     check()
+
+
+def test_checkpoint_hash_is_the_same_for_a_path_and_a_loaded_checkpoint(tmp_path, ckpt):
+    from cdmap.checkpoint import file_sha256, load_checkpoint
+
+    before, after, _ = synthetic_pair(tmp_path, height=40, width=40)
+    by_path = predict_scene(before, after, tmp_path / "a", ckpt, quiet=True, vector_format="none")
+    loaded = predict_scene(before, after, tmp_path / "b", load_checkpoint(ckpt), quiet=True, vector_format="none")
+    assert by_path.summary["model"]["sha256"] == loaded.summary["model"]["sha256"] == file_sha256(ckpt)
+    assert by_path.summary["model"]["checkpoint"] == loaded.summary["model"]["checkpoint"] == str(ckpt)
+    assert _read(by_path.probability)[3]["CDMAP_CHECKPOINT_SHA256"] == \
+        _read(loaded.probability)[3]["CDMAP_CHECKPOINT_SHA256"] == file_sha256(ckpt)
+
+
+def test_keyword_overrides_go_to_the_options_class_that_has_them(tmp_path, ckpt):
+    from cdmap.predict import PredictOptions, RunOptions
+    from cdmap.predict.options import split_overrides
+
+    opts, run = split_overrides(PredictOptions(min_area=2.0), RunOptions(workers=3),
+                                {"threshold": 0.3, "quiet": True, "overwrite": True})
+    assert opts == PredictOptions(min_area=2.0, threshold=0.3)
+    assert run == RunOptions(workers=3, quiet=True, overwrite=True)
+    with pytest.raises(TypeError, match="no_such_option"):
+        predict_scene("a.tif", "b.tif", tmp_path / "o", ckpt, no_such_option=1)

@@ -10,11 +10,18 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
+from rasterio.windows import Window
 
 from cdmap.errors import IncompatibleInputsError, InputError, UsageError
 from cdmap.raster.pair import ScenePair, crs_equivalent, open_pair
 
 ORIGIN = (500000.0, 4000000.0)
+
+
+def _win(rc_hw: tuple[int, int, int, int]) -> Window:
+    """A rasterio Window from (row, col, height, width)."""
+    row, col, h, w = rc_hw
+    return Window(col, row, w, h)
 
 
 def _grid(h: int, w: int, bands: int = 3, seed: int = 0, dtype: str = "uint8") -> np.ndarray:
@@ -127,7 +134,7 @@ def test_expected_bands(tmp_path, make_geotiff):
     assert "has 4 bands (after --bands), the model expects 3; choose bands with --bands" in msg
     assert "a.tif" in msg
     with open_pair(a, b, bands=[3, 2, 1], expected_bands=3) as pair:
-        x, _, _ = pair.read(0, 0, 5, 5)
+        x, _, _ = pair.read(Window(0, 0, 5, 5))
         np.testing.assert_array_equal(x, _read_direct(a, ((0, 5), (0, 5)), [3, 2, 1]))
 
 
@@ -141,12 +148,12 @@ def test_four_band_byte_tagged_alpha(tmp_path, make_geotiff):
         assert ds.colorinterp[3] == rasterio.enums.ColorInterp.alpha
     with open_pair(a, b) as pair:  # no model constraint: the alpha band is a mask
         assert pair.count == 3
-        _, _, v = pair.read(0, 0, 20, 20)
+        _, _, v = pair.read(Window(0, 0, 20, 20))
         assert not v[:5].any() and v[5:].all()
     with open_pair(a, b, expected_bands=4) as pair:
         assert pair.count == 4
         assert any("tagged alpha" in n for n in pair.notes)
-        x, _, v = pair.read(0, 0, 20, 20)
+        x, _, v = pair.read(Window(0, 0, 20, 20))
     np.testing.assert_array_equal(x, rgbn.astype(np.float32))
     assert v.all()
 
@@ -169,9 +176,9 @@ def test_no_crs_both_sides(tmp_path, make_geotiff):
     with open_pair(a, b, allow_no_crs=True) as pair:
         assert (pair.height, pair.width) == (28, 40)
         assert pair.crs is None
-        assert pair.alignment["mode"] == "window"
+        assert pair.alignment.mode == "window"
         assert pair.notes
-        x, y, v = pair.read(0, 0, 28, 40)
+        x, y, v = pair.read(Window(0, 0, 40, 28))
         np.testing.assert_array_equal(y, _read_direct(b))
         np.testing.assert_array_equal(x, _read_direct(a, ((0, 28), (0, 40))))
         assert v.all()
@@ -211,9 +218,9 @@ def test_corrupt_tile_mid_scene(tmp_path, make_geotiff):
     path.write_bytes(bytes(raw))
     good = make_geotiff(tmp_path / "good.tif", _grid(64, 64, bands=1))
     with open_pair(good, path) as pair:  # corners decode fine
-        pair.read(0, 0, 16, 16)
+        pair.read(Window(0, 0, 16, 16))
         with pytest.raises(InputError, match="failed to read window rows 0-31, cols 0-31") as ei:
-            pair.read(0, 0, 32, 32)
+            pair.read(Window(0, 0, 32, 32))
     assert "bad.tif" in str(ei.value)
 
 
@@ -223,21 +230,21 @@ def test_corrupt_tile_mid_scene(tmp_path, make_geotiff):
 def test_same_grid_read_equals_rasterio(tmp_path, make_pair):
     a, b, _ = make_pair(tmp_path, 70, 90)
     with open_pair(a, b) as pair:
-        assert pair.alignment["mode"] == "same-grid"
+        assert pair.alignment.mode == "same-grid"
         assert (pair.height, pair.width, pair.count, pair.dtype) == (70, 90, 3, "uint8")
         with rasterio.open(a) as ds:
             assert pair.crs == ds.crs and pair.transform == ds.transform
             assert pair.block_shape() == tuple(ds.block_shapes[0])
-        x, y, v = pair.read(10, 20, 30, 40)
+        x, y, v = pair.read(Window(20, 10, 40, 30))
         assert x.dtype == y.dtype == np.float32 and v.dtype == bool
         assert x.shape == (3, 30, 40) and v.shape == (30, 40)
         np.testing.assert_array_equal(x, _read_direct(a, ((10, 40), (20, 60))))
         np.testing.assert_array_equal(y, _read_direct(b, ((10, 40), (20, 60))))
         assert v.all()
         with pytest.raises(ValueError):
-            pair.read(60, 0, 20, 10)
+            pair.read(Window(0, 60, 10, 20))
     with pytest.raises(RuntimeError):
-        pair.read(0, 0, 5, 5)
+        pair.read(Window(0, 0, 5, 5))
 
 
 def test_nan_is_invalid_and_zeroed(tmp_path, make_geotiff):
@@ -247,7 +254,7 @@ def test_nan_is_invalid_and_zeroed(tmp_path, make_geotiff):
     a = make_geotiff(tmp_path / "a.tif", data)
     b = make_geotiff(tmp_path / "b.tif", np.ones((2, 20, 20), "float32"))
     with open_pair(a, b) as pair:
-        x, _, v = pair.read(0, 0, 20, 20)
+        x, _, v = pair.read(Window(0, 0, 20, 20))
     assert not v[3, 4] and not v[5, 6]
     assert v.sum() == 400 - 2
     assert np.isfinite(x).all()
@@ -262,7 +269,7 @@ def test_nodata_all_bands(tmp_path, make_geotiff):
     b = make_geotiff(tmp_path / "b.tif", _grid(20, 20, seed=3))
     with open_pair(a, b) as pair:
         assert pair.nodata["before"] == 0
-        _, _, v = pair.read(0, 0, 20, 20)
+        _, _, v = pair.read(Window(0, 0, 20, 20))
     assert not v[:2].any()
     assert v[2:].all()
 
@@ -276,7 +283,7 @@ def test_internal_mask(tmp_path, make_geotiff):
     with rasterio.open(b, "r+") as ds:
         ds.write_mask(mask)
     with open_pair(a, b) as pair:
-        _, _, v = pair.read(0, 0, 20, 20)
+        _, _, v = pair.read(Window(0, 0, 20, 20))
     np.testing.assert_array_equal(v, mask > 0)
 
 
@@ -289,7 +296,7 @@ def test_alpha_band_excluded_and_masks(tmp_path, make_geotiff):
     with open_pair(a, b, expected_bands=3) as pair:
         assert pair.bands == {"before": [1, 2, 3], "after": [1, 2, 3]}
         assert any("alpha" in n for n in pair.notes)
-        x, _, v = pair.read(0, 0, 20, 20)
+        x, _, v = pair.read(Window(0, 0, 20, 20))
     np.testing.assert_array_equal(x, rgba[:3].astype(np.float32))
     np.testing.assert_array_equal(v, rgba[3] > 0)
 
@@ -301,7 +308,7 @@ def test_validity_is_union_of_both_dates(tmp_path, make_geotiff):
     a = make_geotiff(tmp_path / "a.tif", da, nodata=0)
     b = make_geotiff(tmp_path / "b.tif", db, nodata=0)
     with open_pair(a, b) as pair:
-        _, _, v = pair.read(0, 0, 20, 20)
+        _, _, v = pair.read(Window(0, 0, 20, 20))
     expected = np.ones((20, 20), bool)
     expected[0:3, :] = False
     expected[:, 0:4] = False
@@ -317,11 +324,11 @@ def test_integer_offset_uses_window_without_resampling(tmp_path, make_geotiff):
     shifted = from_origin(ORIGIN[0] + 10 * 0.5, ORIGIN[1] - 4 * 0.5, 0.5, 0.5)
     b = make_geotiff(tmp_path / "b.tif", db, transform=shifted)
     with open_pair(a, b) as pair:
-        assert pair.alignment["mode"] == "window"
-        assert pair.alignment["window_of_before"] == [10, 4, 40, 36]
+        assert pair.alignment.mode == "window"
+        assert pair.alignment.to_dict()["window_of_before"] == [10, 4, 40, 36]
         assert (pair.height, pair.width) == (36, 40)
         assert pair.transform == shifted
-        x, y, v = pair.read(0, 0, 36, 40)
+        x, y, v = pair.read(Window(0, 0, 40, 36))
     np.testing.assert_array_equal(x, da[:, 4:, 10:].astype(np.float32))
     np.testing.assert_array_equal(y, db[:, :36, :40].astype(np.float32))
     assert v.all()
@@ -339,14 +346,14 @@ def test_warped_shift_and_resolution_nearest(tmp_path, make_geotiff):
     b = make_geotiff(tmp_path / "b.tif", db, transform=tb)
     with open_pair(a, b, resampling="nearest") as pair:
         al = pair.alignment
-        assert al["mode"] == "warped" and al["resampling"] == "nearest"
-        assert "pixel size" in al["reason"]
-        assert al["window_of_before"] == [10, 4, 90, 96]
+        assert al.mode == "warped" and al.resampling == "nearest"
+        assert "pixel size" in al.reason
+        assert al.to_dict()["window_of_before"] == [10, 4, 90, 96]
         assert (pair.height, pair.width) == (96, 90)
         with rasterio.open(a) as ds:
             assert pair.transform == ds.transform @ rasterio.Affine.translation(10, 4)
             assert pair.crs == ds.crs
-        x, y, v = pair.read(0, 0, 96, 90)
+        x, y, v = pair.read(Window(0, 0, 90, 96))
         assert any("resampled" in n for n in pair.notes)
     np.testing.assert_array_equal(x[0], da[0, 4:, 10:].astype(np.float32))
     rows, cols = np.mgrid[0:96, 0:90]
@@ -365,9 +372,9 @@ def test_warped_bilinear_nodata_footprint(tmp_path, make_geotiff):
     tb = from_origin(ORIGIN[0] + 0.25, ORIGIN[1], 0.5, 0.5)  # half-pixel east
     b = make_geotiff(tmp_path / "b.tif", db, transform=tb, nodata=0)
     with open_pair(a, b) as pair:
-        assert pair.alignment["mode"] == "warped"
-        assert pair.alignment["window_of_before"] == [1, 0, 39, 40]  # pixels fully inside AFTER
-        _, y, v = pair.read(0, 0, 40, 39)
+        assert pair.alignment.mode == "warped"
+        assert pair.alignment.to_dict()["window_of_before"] == [1, 0, 39, 40]  # pixels fully inside AFTER
+        _, y, v = pair.read(Window(0, 0, 39, 40))
     assert v[:, :28].all()
     assert not v[:, 31:].any()
     np.testing.assert_allclose(y[0][:, :28], 100.0)
@@ -388,12 +395,12 @@ def test_different_crs_is_aligned(tmp_path, make_geotiff):
               dst_crs="EPSG:4326", resampling=Resampling.bilinear, dst_nodata=np.nan)
     b = make_geotiff(tmp_path / "b.tif", geo, crs="EPSG:4326", transform=t_geo, nodata=float("nan"))
     with open_pair(a, b) as pair:
-        assert pair.alignment["mode"] == "warped"
-        assert "CRS EPSG:32633 vs EPSG:4326" in pair.alignment["reason"]
+        assert pair.alignment.mode == "warped"
+        assert "CRS EPSG:32633 vs EPSG:4326" in pair.alignment.reason
         assert pair.crs == "EPSG:32633"
-        c0, r0, ww, hh = pair.alignment["window_of_before"]
+        c0, r0, ww, hh = pair.alignment.window_of_before
         assert ww >= w - 2 and hh >= h - 2
-        x, y, v = pair.read(0, 0, pair.height, pair.width)
+        x, y, v = pair.read(Window(0, 0, pair.width, pair.height))
     assert v.mean() > 0.9
     assert np.isfinite(y).all()
     inner = v.copy()
@@ -427,7 +434,7 @@ def test_concurrent_reads_match_sequential(tmp_path, make_geotiff):
             r = int(rng.integers(0, pair.height - hh + 1))
             c = int(rng.integers(0, pair.width - ww + 1))
             wins.append((r, c, int(hh), int(ww)))
-        expected = [pair.read(*win) for win in wins]
+        expected = [pair.read(_win(win)) for win in wins]
         results: dict[int, tuple] = {}
         errors: list[BaseException] = []
         barrier = threading.Barrier(4)
@@ -436,9 +443,9 @@ def test_concurrent_reads_match_sequential(tmp_path, make_geotiff):
             try:
                 barrier.wait()
                 for i in range(k, len(wins), 4):
-                    results[i] = pair.read(*wins[i])
+                    results[i] = pair.read(_win(wins[i]))
                 for i in range(len(wins)):  # and every window again, overlapping the others
-                    got = pair.read(*wins[i])
+                    got = pair.read(_win(wins[i]))
                     for g, e in zip(got, expected[i], strict=True):
                         np.testing.assert_array_equal(g, e)
             except BaseException as exc:  # noqa: BLE001
@@ -468,11 +475,11 @@ def test_real_wkt_crs_equals_epsg(shared_data):
         assert f.crs.to_epsg() == 32618 and t.crs.to_epsg() is None
         assert f.crs != t.crs  # rasterio alone does not see it
     with open_pair(full, tile) as pair:
-        assert pair.alignment["mode"] == "window"  # same CRS and grid, no resampling
+        assert pair.alignment.mode == "window"  # same CRS and grid, no resampling
         assert any("equivalent" in n for n in pair.notes)
-        c0, r0, ww, hh = pair.alignment["window_of_before"]
+        c0, r0, ww, hh = pair.alignment.window_of_before
         assert (c0, r0, ww, hh) == (399, 399, 392, 319)
-        x, y, _ = pair.read(0, 0, hh, ww)
+        x, y, _ = pair.read(Window(0, 0, ww, hh))
     np.testing.assert_array_equal(x, y)  # the tile is an exact copy of that part
     with pytest.raises(IncompatibleInputsError, match="size 400x400 vs 791x718"):
         open_pair(ref / "rgb1.tif", full, align="strict")  # strict refuses the size, not the CRS
@@ -489,9 +496,9 @@ def test_real_wkt_crs_same_grid_under_strict(shared_data, tmp_path):
                            crs="EPSG:32618", transform=src.transform, nodata=0) as dst:
             dst.write(data)
     with open_pair(ref / "rgb1.tif", crop, align="strict") as pair:
-        assert pair.alignment["mode"] == "same-grid"
+        assert pair.alignment.mode == "same-grid"
         assert any("equivalent" in n for n in pair.notes)
-        x, y, v = pair.read(0, 0, 400, 400)
+        x, y, v = pair.read(Window(0, 0, 400, 400))
     np.testing.assert_array_equal(x, y)
     assert 0 < v.sum() < 400 * 400  # the collar is nodata in both
 
@@ -500,7 +507,7 @@ def test_real_wkt_crs_same_grid_under_strict(shared_data, tmp_path):
 def test_real_nodata_collar(shared_data):
     full = shared_data / "geotiff_reference_rasterio" / "RGB.byte.tif"
     with open_pair(full, full) as pair:
-        x, _, v = pair.read(0, 0, pair.height, pair.width)
+        x, _, v = pair.read(Window(0, 0, pair.width, pair.height))
     all_zero = (x == 0).all(axis=0)
     assert all_zero.sum() > 100_000
     np.testing.assert_array_equal(v, ~all_zero)
@@ -529,13 +536,48 @@ def test_real_oscd_hongkong_size_mismatch(shared_data, tmp_path):
         assert (ds_a.width, ds_a.height) == (538, 693)
         b_transform, b_crs = ds_b.transform, ds_b.crs
     with open_pair(before, after, expected_bands=3) as pair:
-        assert pair.alignment["mode"] in ("warped", "window")
+        assert pair.alignment.mode in ("warped", "window")
         assert isinstance(pair, ScenePair)
         assert pair.crs == b_crs
         # both dates cover the same bounds: the common extent is BEFORE's whole grid
         assert (pair.width, pair.height) == (540, 695)
         assert pair.transform.almost_equals(b_transform)
-        x, y, v = pair.read(300, 200, 128, 128)
+        x, y, v = pair.read(Window(200, 300, 128, 128))
     assert v.all()
     assert x.mean() > 0 and y.mean() > 0
     assert np.corrcoef(x[0].ravel(), y[0].ravel())[0, 1] > 0.3  # same place, two dates
+
+
+# ------------------------------------------------------------------------------------------ same_grid
+
+
+def test_same_grid_rule(tmp_path, make_geotiff):
+    from rasterio.crs import CRS
+
+    from cdmap.raster.pair import same_grid
+
+    a = make_geotiff(tmp_path / "a.tif", _grid(20, 30))
+    one_px_east = from_origin(ORIGIN[0] + 0.5, ORIGIN[1], 0.5, 0.5)
+    shifted = make_geotiff(tmp_path / "s.tif", _grid(20, 30), transform=one_px_east)
+    smaller = make_geotiff(tmp_path / "m.tif", _grid(19, 30))
+    with rasterio.open(a) as da, rasterio.open(shifted) as ds, rasterio.open(smaller) as dm:
+        assert same_grid(da, da)
+        assert not same_grid(da, ds) and not same_grid(da, dm)
+
+        class G:
+            width, height, transform = da.width, da.height, da.transform
+            crs = CRS.from_wkt(da.crs.to_wkt())  # spelled differently, the same CRS
+
+        assert same_grid(da, G)
+        G.crs = None
+        assert not same_grid(da, G) and same_grid(da, G, allow_missing_crs=True)
+
+
+def test_alignment_record_and_json(tmp_path, make_pair):
+    a, b, _ = make_pair(tmp_path, 20, 20)
+    with open_pair(a, b) as pair:
+        assert pair.alignment.mode == "same-grid" and pair.alignment.window_of_after is None
+        assert pair.alignment.to_dict() == {"mode": "same-grid", "reason": "same CRS, transform and size",
+                                            "resampling": None, "window_of_before": [0, 0, pair.width, pair.height]}
+        with pytest.raises(ValueError):
+            pair.read(Window(0.5, 0, 4, 4))

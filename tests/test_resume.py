@@ -119,3 +119,36 @@ def test_sigterm_exits_143_and_keeps_journal(tmp_path, setup):
     assert last.startswith("cdmap: error: interrupted by SIGTERM") and "--resume" in last
     assert (out / ".cdmap-partial" / "journal.jsonl").exists()
     assert not FINALS & {p.name for p in out.iterdir()}
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_accepts_explicit_options_equal_to_the_checkpoint_defaults(tmp_path, setup, monkeypatch):
+    """The manifest holds resolved values: --tile-size/--overlap/--threshold spelled out match the defaults."""
+    import cdmap.process as process_mod
+    from cdmap.checkpoint import load_checkpoint
+    from cdmap.predict import default_overlap
+
+    before, after, ckpt, ref = setup
+    out = tmp_path / "out"
+    real = process_mod.fault_point
+    strips = []
+
+    def stop_after_two_strips(phase):
+        if phase == "strip":
+            strips.append(1)
+            if len(strips) == 2:
+                raise _Stop
+        real(phase)
+
+    monkeypatch.setattr(process_mod, "fault_point", stop_after_two_strips)
+    with pytest.raises(_Stop):
+        predict_scene(before, after, out, ckpt, quiet=True, batch_size=3, threshold=0.45)
+    monkeypatch.setattr(process_mod, "fault_point", real)
+    tile = load_checkpoint(ckpt).tile_size
+    predict_scene(before, after, out, ckpt, quiet=True, batch_size=3, threshold=0.45, resume=True,
+                  tile_size=tile, overlap=default_overlap(tile))
+    got, want = _arrays(out), _arrays(ref.outdir)
+    assert np.array_equal(got["change_probability.tif"][0], want["change_probability.tif"][0])

@@ -286,7 +286,7 @@ def test_tile_validity_is_predicts(tmp_path, kind):
             assert src.colorinterp[3] == rasterio.enums.ColorInterp.alpha
     data, invalid = read_image(path)
     assert invalid.tolist() == INVALID.tolist()
-    a, _, valid = open_pair(path, path).read(0, 0, 16, 16)
+    a, _, valid = open_pair(path, path).read(rasterio.windows.Window(0, 0, 16, 16))
     assert np.array_equal(invalid, ~valid) and np.array_equal(data, a)  # the alpha band is a mask, not data
     assert data.shape == (3, 16, 16)
 
@@ -310,11 +310,13 @@ def test_tile_validity_is_predicts(tmp_path, kind):
 
 
 def test_alpha_band_is_data_when_the_model_expects_every_band(tmp_path):
+    import rasterio
+
     from cdmap.raster.pair import open_pair
 
     path = _tile(tmp_path / "A" / "t.tif", "alpha", INVALID)
     data, invalid = read_image(path, bands=4)
-    a, _, valid = open_pair(path, path, expected_bands=4).read(0, 0, 16, 16)
+    a, _, valid = open_pair(path, path, expected_bands=4).read(rasterio.windows.Window(0, 0, 16, 16))
     assert data.shape == (4, 16, 16) and not invalid.any()
     assert np.array_equal(invalid, ~valid) and np.array_equal(data, a)
     _tile(tmp_path / "B" / "t.tif", "alpha", INVALID)

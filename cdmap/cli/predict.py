@@ -65,13 +65,13 @@ def predict(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
     """Map change between BEFORE and AFTER: probability, mask, polygons and run.json in OUTPUT."""
-    from cdmap.predict import PredictOptions, predict_scene
+    from cdmap.predict import PredictOptions, RunOptions, predict_scene
 
     opts = PredictOptions(
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device, precision=precision,
         bands=parse_bands(bands), threshold=threshold, min_area=min_area, simplify=simplify,
         prob_dtype=prob_dtype, vector_format=vector_format, creation_options=parse_creation_options(co),
-        cog=cog, overwrite=overwrite, resume=resume, align=align, resampling=resampling,
-        allow_no_crs=allow_no_crs, workers=workers, quiet=quiet,
+        cog=cog, align=align, resampling=resampling, allow_no_crs=allow_no_crs,
     )
-    predict_scene(before, after, output, model, opts)
+    run = RunOptions(workers=workers, quiet=quiet, overwrite=overwrite, resume=resume)
+    predict_scene(before, after, output, model, opts, run)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cdmap.errors import InputError, OutputError, UsageError
+from cdmap.raster.gdal_errors import GDAL_ERRORS, capture_option_warnings, gdal_message, option_error
 
 __all__ = ["to_cog", "validate_cog", "cog_creation_options"]
 
@@ -74,23 +75,20 @@ def to_cog(src_path: str | os.PathLike, dst_path: str | os.PathLike, *,
     """
     import rasterio
     import rasterio.shutil
-    from rasterio.errors import RasterioError
-
-    from cdmap.raster.write import _WRITE_ERRORS, _err_text, capture_option_warnings, option_error
 
     dst = Path(dst_path)
     try:
         with rasterio.open(src_path) as src:
             opts = cog_creation_options(src, creation_options)
-    except (RasterioError, OSError) as exc:
-        raise InputError(f"cannot open raster to convert to COG: {_err_text(exc)}", src_path) from exc
+    except GDAL_ERRORS as exc:
+        raise InputError(f"cannot open raster to convert to COG: {gdal_message(exc)}", src_path) from exc
     try:
         with capture_option_warnings() as complaints:
             rasterio.shutil.copy(src_path, dst, driver="COG", **opts)
-    except _WRITE_ERRORS as exc:
+    except GDAL_ERRORS as exc:
         if option_error(exc, opts):
-            raise UsageError(f"bad COG creation option: {_err_text(exc)}", dst) from exc
-        raise OutputError(f"cannot write COG: {_err_text(exc)}", dst) from exc
+            raise UsageError(f"bad COG creation option: {gdal_message(exc)}", dst) from exc
+        raise OutputError(f"cannot write COG: {gdal_message(exc)}", dst) from exc
     if complaints:
         try:
             dst.unlink()

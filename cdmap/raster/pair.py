@@ -3,7 +3,7 @@
 Everything a user can get wrong is checked in :func:`open_pair`, before any compute, and reported as a
 one-line :mod:`cdmap.errors` exception naming the file.
 
-Alignment (``ScenePair.alignment["mode"]``):
+Alignment (``ScenePair.alignment.mode``, an :class:`Alignment`):
 
 ``same-grid``
     Equivalent CRS, same transform (within ``GRID_TOL`` of a pixel) and same size: both dates are read
@@ -50,7 +50,7 @@ import math
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +58,27 @@ import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from cdmap.errors import IncompatibleInputsError, InputError, UsageError
-from cdmap.raster.valid import mask_kinds, read_valid
+from cdmap.raster.gdal_errors import GDAL_ERRORS, gdal_message
+from cdmap.raster.grid import (
+    GRID_TOL,
+    crs_equivalent,
+    grid_bounds,
+    near_int,
+    pixel_size,
+    same_grid,
+    same_pixel_geometry,
+)
+from cdmap.raster.valid import alpha_bands, data_bands, mask_kinds, read_valid
 
-try:  # GDAL errors raised directly (rasterio >= 1.3 chains them under RasterioIOError)
-    from rasterio._err import CPLE_BaseError
-except ImportError:  # pragma: no cover - private module moved
-    CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
-
-__all__ = ["ScenePair", "open_pair", "crs_equivalent", "GRID_TOL", "WARP_RESAMPLINGS"]
+__all__ = ["Alignment", "ScenePair", "open_pair", "crs_equivalent", "same_grid", "GRID_TOL", "WARP_RESAMPLINGS"]
 
 log = logging.getLogger("cdmap.raster")
 
-#: Tolerance, in pixels, when comparing transforms (pixel size, rotation, origin offsets).
-GRID_TOL = 1e-6
-#: Tolerance, in pixels, for the numerical CRS-equivalence test.
-CRS_TOL_PX = 1e-3
 #: Tolerance, in pixels, when snapping the common extent onto BEFORE's pixel edges.
 SNAP_TOL_PX = 1e-3
 
@@ -87,25 +88,9 @@ WARP_RESAMPLINGS = (
     "max", "min", "med", "q1", "q3", "sum", "rms",
 )
 
-_READ_ERRORS = (RasterioError, CPLE_BaseError, OSError)
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def _gdal_message(exc: BaseException) -> str:
-    """The informative GDAL text of an exception chain, on one line."""
-    parts: list[str] = []
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        text = " ".join(str(cur).split())
-        if text and "See previous exception" not in text and not any(text in q for q in parts):
-            parts.append(text)
-        cur = cur.__cause__ or cur.__context__
-    msg = "; ".join(parts) or type(exc).__name__
-    return msg if len(msg) <= 400 else msg[:397] + "..."
 
 
 def _is_local(path: str) -> bool:
@@ -130,47 +115,6 @@ def _crs_label(crs: CRS | None) -> str:
 
 def _fmt(v: float) -> str:
     return f"{v:.10g}"
-
-
-def crs_equivalent(a: CRS, b: CRS, bounds: tuple[float, float, float, float], pixel: float) -> bool:
-    """True if CRS ``a`` and ``b`` are the same CRS, possibly written differently.
-
-    ``bounds`` (left, bottom, right, top) in ``a`` and ``pixel`` (a pixel size in ``a``'s units) define the
-    area and the tolerance of the numerical test: 25 points spread over ``bounds`` transformed from ``a``
-    to ``b`` must stay within ``CRS_TOL_PX`` pixel of where they were.
-    """
-    if a == b:
-        return True
-    from rasterio.warp import transform
-
-    left, bottom, right, top = bounds
-    xs = [left + (right - left) * i / 4 for i in range(5) for _ in range(5)]
-    ys = [bottom + (top - bottom) * j / 4 for _ in range(5) for j in range(5)]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tx, ty = transform(a, b, xs, ys)
-    except Exception:  # noqa: BLE001 - no transformation between the two: not equivalent
-        return False
-    tol = CRS_TOL_PX * abs(pixel)
-    return all(
-        math.isfinite(x2) and math.isfinite(y2) and abs(x2 - x1) <= tol and abs(y2 - y1) <= tol
-        for x1, y1, x2, y2 in zip(xs, ys, tx, ty, strict=True)
-    )
-
-
-def _pixel_size(t: Affine) -> float:
-    return math.sqrt(abs(t.a * t.e - t.b * t.d))
-
-
-def _same_pixel_geometry(t1: Affine, t2: Affine) -> bool:
-    """Same pixel size and rotation within ``GRID_TOL`` of a pixel."""
-    tol = GRID_TOL * _pixel_size(t1)
-    return all(abs(p - q) <= tol for p, q in zip((t1.a, t1.b, t1.d, t1.e), (t2.a, t2.b, t2.d, t2.e), strict=True))
-
-
-def _near_int(v: float) -> bool:
-    return abs(v - round(v)) <= GRID_TOL
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -223,8 +167,8 @@ def _open_checked(path: str, role: str) -> rasterio.DatasetReader:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             ds = rasterio.open(path)
-    except _READ_ERRORS as exc:
-        raise InputError(f"not a raster GDAL can read ({_gdal_message(exc)})", path) from exc
+    except GDAL_ERRORS as exc:
+        raise InputError(f"not a raster GDAL can read ({gdal_message(exc)})", path) from exc
     return ds
 
 
@@ -234,20 +178,15 @@ def _inspect(ds: rasterio.DatasetReader, path: str, role: str, bands: list[int] 
     if ds.width == 0 or ds.height == 0 or ds.count == 0:
         raise InputError(f"{role} raster is empty ({ds.width}x{ds.height} pixels, {ds.count} bands)", path)
     notes: list[str] = []
-    alpha = [i + 1 for i, ci in enumerate(ds.colorinterp) if ci == ColorInterp.alpha]
+    alpha = alpha_bands(ds)
     if bands is None:
-        sel = [i for i in range(1, ds.count + 1) if i not in alpha]
-        if alpha and expected_bands == ds.count and len(sel) != expected_bands:
-            # GDAL tags the 4th band of a 4-band Byte GeoTIFF as alpha by default: an RGB+NIR file for a
-            # 4-band model is far more likely than an RGBA one, so keep it as data.
-            sel = list(range(1, ds.count + 1))
+        sel, alpha_as_data = data_bands(ds, expected_bands)
+        if alpha_as_data and len(sel) > len(alpha):
             notes.append(f"{role} ({Path(path).name}): band {alpha[0]} is tagged alpha but the model expects "
                          f"{expected_bands} bands: used as data, not as a mask")
-        elif alpha and sel:
+        elif alpha and not alpha_as_data:
             notes.append(f"{role} ({Path(path).name}): alpha band {alpha[0]} used as a validity mask, "
                          f"not as data (select bands with --bands to change this)")
-        if not sel:
-            sel = list(range(1, ds.count + 1))
     else:
         bad = [b for b in bands if b < 1 or b > ds.count]
         if bad:
@@ -318,7 +257,7 @@ class ScenePair:
 
     Attributes: ``width``, ``height``, ``crs``, ``transform`` (the output grid), ``count`` (bands used),
     ``dtype`` (numpy dtype name of BEFORE's bands), ``dtypes`` (both dates), ``bands`` ({"before": [...],
-    "after": [...]}, 1-based), ``before_path``, ``after_path``, ``alignment`` (dict, see the module doc),
+    "after": [...]}, 1-based), ``before_path``, ``after_path``, ``alignment`` (:class:`Alignment`),
     ``notes`` (one-line messages for stderr), ``nodata`` ({"before": value|None, "after": value|None}) and
     ``validity`` ({"before": [...], "after": [...]}, what marks pixels invalid).
 
@@ -326,31 +265,30 @@ class ScenePair:
     handles. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, before: _Side, after: _Side, *, width: int, height: int, crs: CRS | None,
-                 transform: Affine, alignment: dict[str, Any], notes: list[str],
-                 before_window: Window, after_window: Window | None, warp: dict[str, Any] | None,
+    def __init__(self, before: _Side, after: _Side, layout: _Layout, notes: list[str],
                  handles: _Handles | None = None) -> None:
         self._before = before
         self._after = after
         self.before_path = before.path
         self.after_path = after.path
-        self.width = width
-        self.height = height
-        self.crs = crs
-        self.transform = transform
+        bw = layout.before_window
+        self.width = int(bw.width)
+        self.height = int(bw.height)
+        self.crs = before.crs
+        self.transform = before.transform @ Affine.translation(bw.col_off, bw.row_off)
         self.count = len(before.bands)
         self.dtype = before.dtype
         self.dtypes = {"before": before.dtype, "after": after.dtype}
         self.bands = {"before": list(before.bands), "after": list(after.bands)}
-        self.alignment = alignment
+        self.alignment = layout.alignment
         self.notes = notes
         self.nodata = {"before": before.nodata, "after": after.nodata}
         self.validity = {"before": before.describe_validity(), "after": after.describe_validity()}
-        if warp is not None:
+        if layout.warp is not None:
             self.validity["after"] = ["warped footprint/alpha", *self.validity["after"]]
-        self._before_window = before_window
-        self._after_window = after_window
-        self._warp = warp
+        self._before_window = bw
+        self._after_window = layout.after_window
+        self._warp = layout.warp
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: list[_Handles] = []
@@ -400,11 +338,11 @@ class ScenePair:
             after = rasterio.open(self.after_path)
             if self._warp is not None:
                 vrt = _make_vrt(after, self._warp)
-        except _READ_ERRORS as exc:
+        except GDAL_ERRORS as exc:
             for ds in (vrt, after, before):
                 if ds is not None:
                     ds.close()
-            raise InputError(f"cannot reopen raster ({_gdal_message(exc)})",
+            raise InputError(f"cannot reopen raster ({gdal_message(exc)})",
                              self.after_path if before is not None else self.before_path) from exc
         h = _Handles(before, after, vrt)
         with self._lock:
@@ -431,37 +369,36 @@ class ScenePair:
 
     def __repr__(self) -> str:
         return (f"ScenePair({self.before_path!r}, {self.after_path!r}, {self.width}x{self.height}, "
-                f"{self.count} bands, {self.alignment.get('mode')})")
+                f"{self.count} bands, {self.alignment.mode})")
 
     # -- reading
 
-    def read(self, row_off: int, col_off: int, height: int, width: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Read a window of the output grid from both dates.
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read a :class:`rasterio.windows.Window` of the output grid from both dates.
 
         Returns ``(a, b, valid)``: ``a`` and ``b`` float32 ``(count, height, width)`` with raw values
         (non-finite values replaced by 0), ``valid`` bool ``(height, width)``, True where both dates are
-        valid. The window must lie inside the output grid. Thread-safe.
+        valid. The window must have whole-pixel offsets and sizes and lie inside the output grid. Thread-safe.
         """
+        row_off, col_off, height, width = _window_ints(window)
         if (height <= 0 or width <= 0 or row_off < 0 or col_off < 0
                 or row_off + height > self.height or col_off + width > self.width):
             raise ValueError(f"window rows {row_off}:{row_off + height}, cols {col_off}:{col_off + width} "
                              f"is not inside the {self.height}x{self.width} grid")
         h = self._handles()
         bw = self._before_window
+        where = (row_off, col_off, height, width)
         win_b = Window(bw.col_off + col_off, bw.row_off + row_off, width, height)
-        a, va = self._guarded(lambda: _read_direct(h.before, self._before, win_b), self.before_path,
-                              row_off, col_off, height, width)
+        a, va = self._guarded(lambda: _read_direct(h.before, self._before, win_b), self.before_path, *where)
         if self._warp is not None:
             win = Window(col_off, row_off, width, height)
-            b, vb = self._guarded(lambda: _read_warped(h.vrt, self._after, self._warp["alpha"], win),
-                                  self.after_path, row_off, col_off, height, width)
+            b, vb = self._guarded(lambda: _read_warped(h.vrt, self._after, self._warp.alpha, win),
+                                  self.after_path, *where)
         else:
             aw = self._after_window
             assert aw is not None
             win_a = Window(aw.col_off + col_off, aw.row_off + row_off, width, height)
-            b, vb = self._guarded(lambda: _read_direct(h.after, self._after, win_a), self.after_path,
-                                  row_off, col_off, height, width)
+            b, vb = self._guarded(lambda: _read_direct(h.after, self._after, win_a), self.after_path, *where)
         va &= vb
         return a, b, va
 
@@ -469,18 +406,26 @@ class ScenePair:
     def _guarded(fn: Any, path: str, row_off: int, col_off: int, height: int, width: int) -> Any:
         try:
             return fn()
-        except _READ_ERRORS as exc:
+        except GDAL_ERRORS as exc:
             raise InputError(
                 f"failed to read window rows {row_off}-{row_off + height - 1}, "
-                f"cols {col_off}-{col_off + width - 1}: {_gdal_message(exc)}", path) from exc
+                f"cols {col_off}-{col_off + width - 1}: {gdal_message(exc)}", path) from exc
 
 
-def _make_vrt(src: Any, warp: dict[str, Any]) -> Any:
+def _window_ints(window: Window) -> tuple[int, int, int, int]:
+    """(row_off, col_off, height, width) of a whole-pixel window."""
+    vals = (window.row_off, window.col_off, window.height, window.width)
+    if any(float(v) != int(v) for v in vals):
+        raise ValueError(f"window {window} does not have whole-pixel offsets and sizes")
+    row_off, col_off, height, width = (int(v) for v in vals)
+    return row_off, col_off, height, width
+
+
+def _make_vrt(src: Any, warp: _WarpSpec) -> Any:
     from rasterio.vrt import WarpedVRT
 
-    return WarpedVRT(src, crs=warp["crs"], transform=warp["transform"], width=warp["width"],
-                     height=warp["height"], resampling=Resampling[warp["resampling"]],
-                     add_alpha=warp["add_alpha"], dtype="float32")
+    return WarpedVRT(src, crs=warp.crs, transform=warp.transform, width=warp.width, height=warp.height,
+                     resampling=Resampling[warp.resampling], add_alpha=warp.add_alpha, dtype="float32")
 
 
 # ------------------------------------------------------------------------------------------- alignment
@@ -491,12 +436,12 @@ def _describe_difference(b: _Side, a: _Side, crs_same: bool) -> list[str]:
     if not crs_same:
         diffs.append(f"CRS {_crs_label(b.crs)} vs {_crs_label(a.crs)}")
     tb, ta = b.transform, a.transform
-    if not _same_pixel_geometry(tb, ta):
+    if not same_pixel_geometry(tb, ta):
         if tb.b == 0 and tb.d == 0 and ta.b == 0 and ta.d == 0:
             diffs.append(f"pixel size {_fmt(abs(tb.a))}x{_fmt(abs(tb.e))} vs {_fmt(abs(ta.a))}x{_fmt(abs(ta.e))}")
         else:
             diffs.append(f"pixel geometry {tuple(tb)[:6]} vs {tuple(ta)[:6]}")
-    if abs(tb.c - ta.c) > GRID_TOL * _pixel_size(tb) or abs(tb.f - ta.f) > GRID_TOL * _pixel_size(tb):
+    if abs(tb.c - ta.c) > GRID_TOL * pixel_size(tb) or abs(tb.f - ta.f) > GRID_TOL * pixel_size(tb):
         diffs.append(f"origin ({_fmt(tb.c)}, {_fmt(tb.f)}) vs ({_fmt(ta.c)}, {_fmt(ta.f)})")
     if (b.width, b.height) != (a.width, a.height):
         diffs.append(f"size {b.width}x{b.height} vs {a.width}x{a.height} pixels")
@@ -533,71 +478,132 @@ def _after_footprint_in_before(b: _Side, a: _Side, a_crs: CRS | None) -> tuple[f
     return min(cols), min(rows), max(cols), max(rows)
 
 
-def _align(b: _Side, a: _Side, *, align: str, resampling: str, allow_no_crs: bool, add_alpha: bool
-           ) -> tuple[dict[str, Any], Window, Window | None, dict[str, Any] | None, list[str]]:
-    """Decide the output grid. Returns (alignment, before window, after window, warp spec, notes)."""
-    names = f"{b.path} and {a.path}"
-    notes: list[str] = []
+@dataclass(frozen=True)
+class Alignment:
+    """How AFTER lines up with BEFORE (see the module doc); :meth:`to_dict` is run.json's ``alignment``.
+
+    Windows are ``[col_off, row_off, width, height]``; ``window_of_after`` only in the modes that read AFTER
+    directly from a window of its own (not ``same-grid``, not ``warped``).
+    """
+
+    mode: str  # "same-grid" | "window" | "warped"
+    reason: str
+    resampling: str | None
+    window_of_before: tuple[int, int, int, int]
+    window_of_after: tuple[int, int, int, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists for windows; no ``window_of_after`` when there is none)."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if d["window_of_after"] is None:
+            del d["window_of_after"]
+        return d
+
+
+@dataclass(frozen=True)
+class _WarpSpec:
+    """The WarpedVRT that puts AFTER onto the output grid (``alpha``: the VRT's alpha band, once built)."""
+
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+    resampling: str
+    add_alpha: bool
+    alpha: int = 0
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What :func:`_align` decides: the alignment, where each date is read, and the notes for the user."""
+
+    alignment: Alignment
+    before_window: Window
+    after_window: Window | None  # None when AFTER is warped
+    warp: _WarpSpec | None
+    notes: tuple[str, ...] = ()
+
+
+def _win_tuple(w: Window) -> tuple[int, int, int, int]:
+    return (int(w.col_off), int(w.row_off), int(w.width), int(w.height))
+
+
+def _align(b: _Side, a: _Side, *, align: str, resampling: str, allow_no_crs: bool, add_alpha: bool) -> _Layout:
+    """Decide the output grid and how both dates are read onto it."""
     if b.crs is None and a.crs is None:
-        if not allow_no_crs:
-            raise IncompatibleInputsError(
-                f"{names}: neither raster has a CRS; pass --allow-no-crs to assume the pixel grids coincide")
-        win = Window(0, 0, min(b.width, a.width), min(b.height, a.height))
-        if (b.width, b.height) == (a.width, a.height):
-            alignment = {"mode": "same-grid", "reason": "no CRS on either date: pixel grids assumed identical",
-                         "resampling": None, "window_of_before": [0, 0, b.width, b.height]}
-        else:
-            alignment = {"mode": "window",
-                         "reason": (f"no CRS on either date and sizes differ ({b.width}x{b.height} vs "
-                                    f"{a.width}x{a.height}): common top-left {win.width}x{win.height} pixels"),
-                         "resampling": None, "window_of_before": [0, 0, win.width, win.height],
-                         "window_of_after": [0, 0, win.width, win.height]}
-            if align == "strict":
-                raise IncompatibleInputsError(f"{names}: grids differ (--align strict): size {b.width}x"
-                                              f"{b.height} vs {a.width}x{a.height} pixels")
-        notes.append(f"no CRS: {alignment['reason']}")
-        return alignment, win, Window(0, 0, win.width, win.height), None, notes
+        return _align_no_crs(b, a, align=align, allow_no_crs=allow_no_crs)
     if b.crs is None or a.crs is None:
         which, other = (b, a) if b.crs is None else (a, b)
         raise IncompatibleInputsError(
             f"{which.role} raster has no CRS but {other.role} ({other.path}) has {_crs_label(other.crs)}; "
             f"assign the CRS first (e.g. gdal_edit.py -a_srs)", which.path)
 
-    crs_same = crs_equivalent(b.crs, a.crs, _bounds(b), _pixel_size(b.transform))
+    notes: list[str] = []
+    crs_same = crs_equivalent(b.crs, a.crs, grid_bounds(b), pixel_size(b.transform))
     if crs_same and b.crs != a.crs:
         notes.append(f"CRS of {Path(a.path).name} ({_crs_label(a.crs)}) is written differently from "
                      f"{Path(b.path).name}'s ({_crs_label(b.crs)}) but equivalent: treated as the same CRS")
-    a_crs_eff = b.crs if crs_same else a.crs
     diffs = _describe_difference(b, a, crs_same)
-
-    if crs_same and _same_pixel_geometry(b.transform, a.transform):
+    if crs_same and same_grid(b, a):
+        win = Window(0, 0, b.width, b.height)
+        alignment = Alignment("same-grid", "same CRS, transform and size", None, _win_tuple(win))
+        return _Layout(alignment, win, win, None, tuple(notes))
+    if crs_same and same_pixel_geometry(b.transform, a.transform):
         dc, dr = ~b.transform @ (a.transform.c, a.transform.f)
-        if _near_int(dc) and _near_int(dr):
-            win = _overlap_window(b, dc, dr, a.width, a.height)
-            if win is None:
-                raise IncompatibleInputsError(f"{names}: the rasters do not overlap (after's origin is "
-                                              f"{round(dc)}, {round(dr)} pixels from before's)")
-            if round(dc) == 0 and round(dr) == 0 and (a.width, a.height) == (b.width, b.height):
-                return ({"mode": "same-grid", "reason": "same CRS, transform and size", "resampling": None,
-                         "window_of_before": [0, 0, b.width, b.height]}, win, win, None, notes)
-            if align == "strict":
-                raise IncompatibleInputsError(f"{names}: grids differ (--align strict): {'; '.join(diffs)}")
-            a_win = Window(win.col_off - round(dc), win.row_off - round(dr), win.width, win.height)
-            reason = (f"same pixel grid, origins {round(dc)}, {round(dr)} pixels apart; output is the common "
-                      f"extent, no resampling")
-            alignment = {"mode": "window", "reason": reason, "resampling": None,
-                         "window_of_before": [win.col_off, win.row_off, win.width, win.height],
-                         "window_of_after": [a_win.col_off, a_win.row_off, a_win.width, a_win.height]}
-            notes.append(f"{Path(b.path).name} and {Path(a.path).name} overlap partly: output covers "
-                         f"{win.width}x{win.height} pixels of before's {b.width}x{b.height} grid "
-                         f"(cols {win.col_off}-{win.col_off + win.width - 1}, "
-                         f"rows {win.row_off}-{win.row_off + win.height - 1})")
-            return alignment, win, a_win, None, notes
+        if near_int(dc) and near_int(dr):
+            return _align_window(b, a, round(dc), round(dr), align=align, diffs=diffs, notes=notes)
+    if align == "strict":
+        raise IncompatibleInputsError(f"{b.path} and {a.path}: grids differ (--align strict): {'; '.join(diffs)}")
+    return _align_warped(b, a, b.crs if crs_same else a.crs, resampling=resampling, add_alpha=add_alpha,
+                         diffs=diffs, notes=notes)
 
+
+def _align_no_crs(b: _Side, a: _Side, *, align: str, allow_no_crs: bool) -> _Layout:
+    """Neither date has a CRS: with ``allow_no_crs`` the pixel grids coincide at the top-left corner."""
+    names = f"{b.path} and {a.path}"
+    if not allow_no_crs:
+        raise IncompatibleInputsError(
+            f"{names}: neither raster has a CRS; pass --allow-no-crs to assume the pixel grids coincide")
+    win = Window(0, 0, min(b.width, a.width), min(b.height, a.height))
+    if (b.width, b.height) == (a.width, a.height):
+        alignment = Alignment("same-grid", "no CRS on either date: pixel grids assumed identical", None,
+                              (0, 0, b.width, b.height))
+    else:
+        if align == "strict":
+            raise IncompatibleInputsError(f"{names}: grids differ (--align strict): size {b.width}x"
+                                          f"{b.height} vs {a.width}x{a.height} pixels")
+        reason = (f"no CRS on either date and sizes differ ({b.width}x{b.height} vs "
+                  f"{a.width}x{a.height}): common top-left {win.width}x{win.height} pixels")
+        alignment = Alignment("window", reason, None, _win_tuple(win), _win_tuple(win))
+    return _Layout(alignment, win, Window(0, 0, win.width, win.height), None, (f"no CRS: {alignment.reason}",))
+
+
+def _align_window(b: _Side, a: _Side, dc: int, dr: int, *, align: str, diffs: list[str],
+                  notes: list[str]) -> _Layout:
+    """Same pixel grid, origins ``dc``, ``dr`` whole pixels apart: the common extent, read without resampling."""
+    names = f"{b.path} and {a.path}"
+    win = _overlap_window(b, dc, dr, a.width, a.height)
+    if win is None:
+        raise IncompatibleInputsError(f"{names}: the rasters do not overlap (after's origin is "
+                                      f"{dc}, {dr} pixels from before's)")
     if align == "strict":
         raise IncompatibleInputsError(f"{names}: grids differ (--align strict): {'; '.join(diffs)}")
+    a_win = Window(win.col_off - dc, win.row_off - dr, win.width, win.height)
+    reason = f"same pixel grid, origins {dc}, {dr} pixels apart; output is the common extent, no resampling"
+    notes = [*notes, f"{Path(b.path).name} and {Path(a.path).name} overlap partly: output covers "
+                     f"{win.width}x{win.height} pixels of before's {b.width}x{b.height} grid "
+                     f"(cols {win.col_off}-{win.col_off + win.width - 1}, "
+                     f"rows {win.row_off}-{win.row_off + win.height - 1})"]
+    return _Layout(Alignment("window", reason, None, _win_tuple(win), _win_tuple(a_win)), win, a_win, None,
+                   tuple(notes))
+
+
+def _align_warped(b: _Side, a: _Side, a_crs: CRS, *, resampling: str, add_alpha: bool, diffs: list[str],
+                  notes: list[str]) -> _Layout:
+    """Anything else: BEFORE's pixels wholly inside AFTER's footprint, AFTER warped onto them."""
+    names = f"{b.path} and {a.path}"
     try:
-        c0, r0, c1, r1 = _after_footprint_in_before(b, a, a_crs_eff)
+        c0, r0, c1, r1 = _after_footprint_in_before(b, a, a_crs)
     except Exception as exc:  # noqa: BLE001 - PROJ failure or all points non-finite
         raise IncompatibleInputsError(f"{names}: cannot relate the two CRSs ({_crs_label(b.crs)} and "
                                       f"{_crs_label(a.crs)}): {exc}") from exc
@@ -608,25 +614,14 @@ def _align(b: _Side, a: _Side, *, align: str, resampling: str, allow_no_crs: boo
     if col1 <= col0 or row1 <= row0:
         raise IncompatibleInputsError(f"{names}: the rasters do not overlap ({'; '.join(diffs)})")
     win = Window(col0, row0, col1 - col0, row1 - row0)
-    transform = b.transform @ Affine.translation(col0, row0)
     reason = "; ".join(diffs)
-    alignment = {"mode": "warped", "reason": reason, "resampling": resampling,
-                 "window_of_before": [col0, row0, win.width, win.height]}
-    warp = {"crs": b.crs, "transform": transform, "width": win.width, "height": win.height,
-            "resampling": resampling, "add_alpha": add_alpha}
-    notes.append(f"{Path(a.path).name} is resampled ({resampling}) onto {Path(b.path).name}'s grid: "
-                 f"{reason}")
+    warp = _WarpSpec(b.crs, b.transform @ Affine.translation(col0, row0), win.width, win.height, resampling,
+                     add_alpha)
+    notes = [*notes, f"{Path(a.path).name} is resampled ({resampling}) onto {Path(b.path).name}'s grid: {reason}"]
     if (win.width, win.height) != (b.width, b.height):
         notes.append(f"output covers the common extent: {win.width}x{win.height} pixels of before's "
                      f"{b.width}x{b.height} grid (cols {col0}-{col1 - 1}, rows {row0}-{row1 - 1})")
-    return alignment, win, None, warp, notes
-
-
-def _bounds(s: _Side) -> tuple[float, float, float, float]:
-    from rasterio.transform import array_bounds
-
-    west, south, east, north = array_bounds(s.height, s.width, s.transform)
-    return (west, south, east, north)
+    return _Layout(Alignment("warped", reason, resampling, _win_tuple(win)), win, None, warp, tuple(notes))
 
 
 # ------------------------------------------------------------------------------------------- open_pair
@@ -651,6 +646,51 @@ def open_pair(
 
     Raises :class:`UsageError`, :class:`InputError` or :class:`IncompatibleInputsError` before any compute.
     """
+    bands = _check_arguments(bands, expected_bands, align, resampling)
+    before_s, after_s = os.fspath(before), os.fspath(after)
+
+    ds_b = _open_checked(before_s, "before")
+    ds_a: Any = None
+    try:
+        side_b = _inspect(ds_b, before_s, "before", bands, expected_bands)
+        _check_decodes(ds_b, side_b)
+        ds_a = _open_checked(after_s, "after")
+        side_a = _inspect(ds_a, after_s, "after", bands, expected_bands)
+        _check_decodes(ds_a, side_a)
+
+        _check_band_counts(side_b, side_a, bands, expected_bands)
+        add_alpha = ColorInterp.alpha not in ds_a.colorinterp
+        layout = _align(side_b, side_a, align=align, resampling=resampling, allow_no_crs=allow_no_crs,
+                        add_alpha=add_alpha)
+        notes = side_b.notes + side_a.notes + list(layout.notes)
+        if side_b.dtype != side_a.dtype:
+            notes.append(f"the dates have different data types ({side_b.dtype} vs {side_a.dtype}); "
+                         f"check that they hold comparable values")
+        vrt = None
+        if layout.warp is not None:
+            try:
+                vrt = _make_vrt(ds_a, layout.warp)
+            except GDAL_ERRORS as exc:
+                raise IncompatibleInputsError(f"cannot warp onto before's grid ({gdal_message(exc)})",
+                                              after_s) from exc
+            alpha = next(i + 1 for i, ci in enumerate(vrt.colorinterp) if ci == ColorInterp.alpha)
+            layout = replace(layout, warp=replace(layout.warp, alpha=alpha))
+        handles = _Handles(ds_b, ds_a, vrt)
+    except BaseException:
+        ds_b.close()
+        if ds_a is not None:
+            ds_a.close()
+        raise
+
+    pair = ScenePair(side_b, side_a, layout, notes, handles)
+    for note in notes:
+        log.info("%s", note)
+    return pair
+
+
+def _check_arguments(bands: list[int] | None, expected_bands: int | None, align: str, resampling: str
+                     ) -> list[int] | None:
+    """Validate :func:`open_pair`'s arguments (:class:`UsageError`); returns ``bands`` as a list of ints."""
     if align not in ("auto", "strict"):
         raise UsageError(f"--align must be 'auto' or 'strict', not {align!r}")
     if resampling not in WARP_RESAMPLINGS:
@@ -664,61 +704,22 @@ def open_pair(
         bands = [int(x) for x in bands]
     if expected_bands is not None and expected_bands < 1:
         raise UsageError(f"expected_bands must be >= 1, not {expected_bands}")
-    before_s, after_s = os.fspath(before), os.fspath(after)
+    return bands
 
-    ds_b = _open_checked(before_s, "before")
-    ds_a: Any = None
-    try:
-        side_b = _inspect(ds_b, before_s, "before", bands, expected_bands)
-        _check_decodes(ds_b, side_b)
-        ds_a = _open_checked(after_s, "after")
-        side_a = _inspect(ds_a, after_s, "after", bands, expected_bands)
-        _check_decodes(ds_a, side_a)
 
-        with_bands = " (after --bands)" if bands is not None else ""
-        if bands is None and (side_b.alpha_left_out or side_a.alpha_left_out):
-            with_bands = " (alpha band left out)"
-        if len(side_b.bands) != len(side_a.bands):
-            raise IncompatibleInputsError(
-                f"before ({before_s}) has {len(side_b.bands)} bands{with_bands} but after ({after_s}) has "
-                f"{len(side_a.bands)}; choose the same bands with --bands")
-        if expected_bands is not None and len(side_b.bands) != expected_bands:
-            raise IncompatibleInputsError(
-                f"has {len(side_b.bands)} bands{with_bands}, the model expects {expected_bands}; "
-                f"choose bands with --bands", before_s)
-
-        add_alpha = ColorInterp.alpha not in ds_a.colorinterp
-        alignment, win_b, win_a, warp, align_notes = _align(
-            side_b, side_a, align=align, resampling=resampling, allow_no_crs=allow_no_crs, add_alpha=add_alpha)
-
-        notes = side_b.notes + side_a.notes + align_notes
-        if side_b.dtype != side_a.dtype:
-            notes.append(f"the dates have different data types ({side_b.dtype} vs {side_a.dtype}); "
-                         f"check that they hold comparable values")
-        crs = side_b.crs
-        transform = side_b.transform @ Affine.translation(win_b.col_off, win_b.row_off)
-
-        vrt = None
-        if warp is not None:
-            try:
-                vrt = _make_vrt(ds_a, warp)
-            except _READ_ERRORS as exc:
-                raise IncompatibleInputsError(f"cannot warp onto before's grid ({_gdal_message(exc)})",
-                                              after_s) from exc
-            warp["alpha"] = next(i + 1 for i, ci in enumerate(vrt.colorinterp) if ci == ColorInterp.alpha)
-        handles = _Handles(ds_b, ds_a, vrt)
-    except BaseException:
-        ds_b.close()
-        if ds_a is not None:
-            ds_a.close()
-        raise
-
-    pair = ScenePair(side_b, side_a, width=int(win_b.width), height=int(win_b.height), crs=crs,
-                     transform=transform, alignment=alignment, notes=notes, before_window=win_b,
-                     after_window=win_a, warp=warp, handles=handles)
-    for note in notes:
-        log.info("%s", note)
-    return pair
+def _check_band_counts(side_b: _Side, side_a: _Side, bands: list[int] | None, expected_bands: int | None) -> None:
+    """Both dates use as many bands as each other and as the model expects."""
+    with_bands = " (after --bands)" if bands is not None else ""
+    if bands is None and (side_b.alpha_left_out or side_a.alpha_left_out):
+        with_bands = " (alpha band left out)"
+    if len(side_b.bands) != len(side_a.bands):
+        raise IncompatibleInputsError(
+            f"before ({side_b.path}) has {len(side_b.bands)} bands{with_bands} but after ({side_a.path}) has "
+            f"{len(side_a.bands)}; choose the same bands with --bands")
+    if expected_bands is not None and len(side_b.bands) != expected_bands:
+        raise IncompatibleInputsError(
+            f"has {len(side_b.bands)} bands{with_bands}, the model expects {expected_bands}; "
+            f"choose bands with --bands", side_b.path)
 
 
 def _check_decodes(ds: Any, side: _Side) -> None:
@@ -727,6 +728,6 @@ def _check_decodes(ds: Any, side: _Side) -> None:
     for win in corners:
         try:
             _read_direct(ds, side, win)
-        except _READ_ERRORS as exc:
+        except GDAL_ERRORS as exc:
             raise InputError(f"{side.role} raster cannot be decoded (truncated or corrupt?): "
-                             f"{_gdal_message(exc)}", side.path) from exc
+                             f"{gdal_message(exc)}", side.path) from exc

@@ -32,6 +32,28 @@ def mask_kind(flags: Sequence[Any], alpha_is_data: bool = False, nodata: float |
     return "per_band"
 
 
+def alpha_bands(dataset: Any) -> list[int]:
+    """The bands (1-based) GDAL tags as alpha."""
+    from rasterio.enums import ColorInterp
+
+    return [i + 1 for i, ci in enumerate(dataset.colorinterp) if ci == ColorInterp.alpha]
+
+
+def data_bands(dataset: Any, expected: int | None = None) -> tuple[list[int], bool]:
+    """The default data bands (1-based) of an open raster and whether an alpha band among them is read as data.
+
+    An alpha band is a validity mask, not data, unless the file has exactly ``expected`` bands (GDAL tags the
+    4th band of any 4-band Byte GeoTIFF as alpha, and an RGB+NIR file for a 4-band model is far more likely
+    than an RGBA one) or no other band.
+    """
+    every = list(range(1, dataset.count + 1))
+    alpha = alpha_bands(dataset)
+    data = [b for b in every if b not in alpha]
+    if not alpha or expected == dataset.count or not data:
+        return every, bool(alpha)
+    return data, False
+
+
 def mask_kinds(dataset: Any, bands: Sequence[int], alpha_is_data: bool = False) -> list[str]:
     """:func:`mask_kind` for each of ``bands`` (1-based) of an open rasterio dataset."""
     return [mask_kind(dataset.mask_flag_enums[b - 1], alpha_is_data, dataset.nodatavals[b - 1]) for b in bands]

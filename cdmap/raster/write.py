@@ -15,51 +15,23 @@ failure while writing (disk full, permissions) raises :class:`OutputError` namin
 from __future__ import annotations
 
 import json
-import logging
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from cdmap.errors import OutputError, UsageError
 from cdmap.raster.cog import to_cog, validate_cog
-
-try:
-    from rasterio._err import CPLE_BaseError
-except ImportError:  # pragma: no cover
-    CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
+from cdmap.raster.gdal_errors import GDAL_ERRORS, capture_option_warnings, gdal_message, option_error
 
 __all__ = ["RasterWriter", "to_cog", "validate_cog", "default_creation_options", "overview_factors",
            "BLOCK_SIZE"]
 
 BLOCK_SIZE = 512
-_WRITE_ERRORS = (OSError, RasterioError, CPLE_BaseError)
-_GDAL_LOGGER = "rasterio._env"
-_capture_lock = threading.Lock()
-
-
-def _err_text(exc: BaseException) -> str:
-    parts: list[str] = []
-    cur: BaseException | None = exc
-    seen: set[int] = set()
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.strerror:
-            text = cur.strerror
-        else:
-            text = " ".join(str(cur).split())
-        if text and "See previous exception" not in text and text not in parts:
-            parts.append(text)
-        cur = cur.__cause__ or cur.__context__
-    return "; ".join(parts) or type(exc).__name__
 
 
 def _free_space_note(path: Path) -> str:
@@ -116,44 +88,6 @@ def overview_factors(width: int, height: int, block: int = BLOCK_SIZE) -> list[i
     return factors
 
 
-class _GdalWarnings(logging.Handler):
-    """Collects GDAL warnings that rasterio logs while a dataset is created."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@contextmanager
-def capture_option_warnings() -> Iterator[list[str]]:
-    """Yield a list filled with GDAL's complaints about creation options during the block."""
-    logger = logging.getLogger(_GDAL_LOGGER)
-    handler = _GdalWarnings()
-    with _capture_lock:
-        old_level = logger.level
-        if logger.getEffectiveLevel() > logging.WARNING:
-            logger.setLevel(logging.WARNING)
-        logger.addHandler(handler)
-        found: list[str] = []
-        try:
-            yield found
-        finally:
-            logger.removeHandler(handler)
-            logger.setLevel(old_level)
-            found.extend(m for m in handler.messages
-                         if "creation option" in m or "not recognised" in m or "not recognized" in m
-                         or "unexpected value" in m)
-
-
-def option_error(exc: BaseException, opts: dict[str, str]) -> bool:
-    """True when a GDAL failure names one of ``opts`` (a bad creation option rather than an I/O problem)."""
-    text = _err_text(exc).upper()
-    return any(f"{k}=" in text or f"{k} " in text for k in opts)
-
-
 class RasterWriter:
     """A tiled GeoTIFF written strip by strip; use as a context manager.
 
@@ -196,10 +130,10 @@ class RasterWriter:
         try:
             with capture_option_warnings() as complaints:
                 self._ds = rasterio.open(self.path, "w", **profile, **self.creation_options)
-        except _WRITE_ERRORS as exc:
+        except GDAL_ERRORS as exc:
             if option_error(exc, self.creation_options):
-                raise UsageError(f"bad creation option: {_err_text(exc)}", self.path) from exc
-            raise OutputError(f"cannot create raster: {_err_text(exc)}", self.path) from exc
+                raise UsageError(f"bad creation option: {gdal_message(exc)}", self.path) from exc
+            raise OutputError(f"cannot create raster: {gdal_message(exc)}", self.path) from exc
         if complaints:
             self._ds.close()
             self._remove()
@@ -214,9 +148,9 @@ class RasterWriter:
             if description:
                 for i in range(1, self.count + 1):
                     self._ds.set_band_description(i, description)
-        except _WRITE_ERRORS as exc:
+        except GDAL_ERRORS as exc:
             self._abort()
-            raise OutputError(f"cannot write raster metadata: {_err_text(exc)}{_free_space_note(self.path)}",
+            raise OutputError(f"cannot write raster metadata: {gdal_message(exc)}{_free_space_note(self.path)}",
                               self.path) from exc
 
     # -- writing
@@ -236,9 +170,9 @@ class RasterWriter:
         window = self._window(row_off, array.shape[1])
         try:
             self._ds.write(array.astype(self.dtype, copy=False), window=window)
-        except _WRITE_ERRORS as exc:
+        except GDAL_ERRORS as exc:
             raise OutputError(f"cannot write rows {row_off}-{row_off + array.shape[1] - 1}: "
-                              f"{_err_text(exc)}{_free_space_note(self.path)}", self.path) from exc
+                              f"{gdal_message(exc)}{_free_space_note(self.path)}", self.path) from exc
         self._rows_written = max(self._rows_written, row_off + array.shape[1])
 
     def write_mask_rows(self, row_off: int, valid: np.ndarray) -> None:
@@ -251,9 +185,9 @@ class RasterWriter:
         window = self._window(row_off, valid.shape[0])
         try:
             self._ds.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
-        except _WRITE_ERRORS as exc:
+        except GDAL_ERRORS as exc:
             raise OutputError(f"cannot write mask rows {row_off}-{row_off + valid.shape[0] - 1}: "
-                              f"{_err_text(exc)}{_free_space_note(self.path)}", self.path) from exc
+                              f"{gdal_message(exc)}{_free_space_note(self.path)}", self.path) from exc
 
     def build_overviews(self, resampling: str = "nearest") -> list[int]:
         """Add internal overviews (factors 2, 4, ... until one block); ``nearest`` for masks, ``average`` for
@@ -270,8 +204,8 @@ class RasterWriter:
             with rasterio.Env(GDAL_TIFF_OVR_BLOCKSIZE=block):
                 self._ds.build_overviews(factors, method)
                 self._ds.update_tags(ns="rio_overview", resampling=resampling)
-        except _WRITE_ERRORS as exc:
-            raise OutputError(f"cannot build overviews: {_err_text(exc)}", self.path) from exc
+        except GDAL_ERRORS as exc:
+            raise OutputError(f"cannot build overviews: {gdal_message(exc)}", self.path) from exc
         return factors
 
     # -- closing
@@ -283,8 +217,8 @@ class RasterWriter:
             return
         try:
             ds.close()
-        except _WRITE_ERRORS as exc:
-            raise OutputError(f"cannot finish writing raster: {_err_text(exc)}", self.path) from exc
+        except GDAL_ERRORS as exc:
+            raise OutputError(f"cannot finish writing raster: {gdal_message(exc)}", self.path) from exc
         self._verify()
 
     def _verify(self) -> None:

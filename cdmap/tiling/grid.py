@@ -51,7 +51,7 @@ def blend_weights_1d(tile: int, overlap: int, margin: int | None = None) -> np.n
 
 
 @dataclass(frozen=True)
-class Window:
+class GridWindow:
     """One window: its index in grid order and its (possibly out-of-scene) pixel extent."""
 
     index: int
@@ -105,13 +105,13 @@ class WindowGrid:
     def __iter__(self):
         return iter(self.windows(0))
 
-    def windows(self, start: int = 0) -> list[Window]:
+    def windows(self, start: int = 0) -> list[GridWindow]:
         """Windows from grid index ``start`` on."""
         ncols = len(self.col_positions)
         out = []
         for idx in range(start, len(self)):
             gr, gc = divmod(idx, ncols)
-            out.append(Window(idx, gr, self.row_positions[gr], self.col_positions[gc], self.tile))
+            out.append(GridWindow(idx, gr, self.row_positions[gr], self.col_positions[gc], self.tile))
         return out
 
     @cached_property

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cdmap.tiling.grid import Window, WindowGrid
+from cdmap.tiling.grid import GridWindow, WindowGrid
 
 
 @dataclass
@@ -86,7 +86,7 @@ class StripStitcher:
     def next_row(self) -> int:
         return self._top
 
-    def add(self, window: Window, prob: np.ndarray, valid: np.ndarray) -> None:
+    def add(self, window: GridWindow, prob: np.ndarray, valid: np.ndarray) -> None:
         """Add one window's P(change) (tile x tile) and its validity (same shape, False outside the scene)."""
         g = self.grid
         r0, c0, r1, c1 = window.clip(g.height, g.width)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
+from cdmap.raster.grid import same_grid
 from cdmap.vector.labels import VECTOR_SUFFIXES
 
 SPLITS = ("train", "val", "test")
@@ -71,11 +72,6 @@ def split_counts(n: int, fractions: tuple[float, float, float]) -> list[int]:
         counts = [max(0, c) for c in counts]
         counts[0] = n - counts[1] - counts[2]
     return counts
-
-
-def _same_grid(a, b) -> bool:
-    return (a.width, a.height) == (b.width, b.height) and a.transform.almost_equals(b.transform) and (
-        a.crs == b.crs or a.crs is None or b.crs is None)
 
 
 def _windows(height: int, width: int, size: int):
@@ -168,7 +164,7 @@ def _open_sources(before: Path, after: Path, labels: Path, fmt: str) -> _Sources
         raise InputError(f"cannot open raster: {exc}") from exc
     try:
         a, b = src.a, src.b
-        if not _same_grid(a, b):
+        if not same_grid(a, b):
             raise IncompatibleInputsError(
                 f"BEFORE ({a.width}x{a.height}, {a.crs}) and AFTER ({b.width}x{b.height}, "
                 f"{b.crs}) are not on the same grid; align them first (e.g. gdalwarp -te/-tr)", after)
@@ -184,7 +180,7 @@ def _open_sources(before: Path, after: Path, labels: Path, fmt: str) -> _Sources
             src.lab = rasterio.open(labels)
         except rasterio.errors.RasterioError as exc:
             raise InputError(f"cannot open label raster (or unknown polygon format): {exc}", labels) from exc
-        if not _same_grid(a, src.lab):
+        if not same_grid(a, src.lab, allow_missing_crs=True):
             raise IncompatibleInputsError(
                 f"label raster ({src.lab.width}x{src.lab.height}) is not on BEFORE's grid "
                 f"({a.width}x{a.height})", labels)

@@ -524,13 +524,15 @@ def _log_raw_probabilities(src: Source, mode: str, probs: Source | None) -> None
 
 
 def _check_same_grid(src: Source, probs: Source) -> None:
+    from cdmap.raster.grid import same_grid
+
     a, b = src.ds, probs.ds
     if (a.width, a.height) != (b.width, b.height):
         raise IncompatibleInputsError(
             f"probability raster is {b.width}x{b.height} pixels but {src.path} is {a.width}x{a.height}",
             path=probs.path,
         )
-    if not a.transform.almost_equals(b.transform) or (a.crs or None) != (b.crs or None):
+    if not same_grid(a, b):
         raise IncompatibleInputsError(
             f"probability raster is not on the same grid (CRS/transform) as {src.path}", path=probs.path
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,20 @@ class Journal:
 
     def remove(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def open_journal(workdir: Path, manifest: dict[str, Any], resume: bool, say: Callable[[str], None]) -> Journal:
+    """The journal to continue (``resume`` and a matching one exists) or a fresh one; ``say`` gets the notes.
+
+    Raises :class:`ResumeError` when ``resume`` finds a journal of a different run.
+    """
+    existing = Journal.load(workdir) if workdir.exists() else None
+    if resume:
+        if existing is not None:
+            existing.check_matches(manifest)
+            say(f"cdmap: resuming: {existing.finished_rows()} rows already finished")
+            return existing
+        say("cdmap: --resume: no interrupted run found here, starting from the beginning")
+    elif existing is not None or workdir.exists():
+        say("cdmap: discarding an unfinished earlier run in this directory (use --resume to continue one)")
+    return Journal.create(workdir, manifest)

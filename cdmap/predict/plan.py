@@ -1,0 +1,93 @@
+"""The plan of a run, resolved once from the options and the checkpoint: window size, overlap, threshold,
+device, precision and (once the pair is open) the window grid; and the manifest a resume must match."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cdmap._version import __version__
+from cdmap.checkpoint import Checkpoint
+from cdmap.errors import UsageError
+from cdmap.predict.options import PredictOptions
+from cdmap.tiling import WindowGrid
+
+DEFAULT_OVERLAP_FRACTION = 0.125  # chosen from benchmarks/seam_overlap.py (see benchmarks/RESULTS.md)
+
+
+def default_overlap(tile: int) -> int:
+    """Default overlap for a tile size, a multiple of 8."""
+    return int(round(tile * DEFAULT_OVERLAP_FRACTION / 8.0)) * 8
+
+
+@dataclass(frozen=True)
+class PredictPlan:
+    """``options`` with ``tile_size``, ``overlap`` and ``threshold`` resolved (never None), the checkpoint,
+    the resolved device and precision, and the window grid (None until :meth:`on_grid`)."""
+
+    options: PredictOptions
+    checkpoint: Checkpoint
+    device: Any  # torch.device
+    precision: str
+    grid: WindowGrid | None = None
+
+    @property
+    def tile(self) -> int:
+        assert self.options.tile_size is not None
+        return self.options.tile_size
+
+    @property
+    def overlap(self) -> int:
+        assert self.options.overlap is not None
+        return self.options.overlap
+
+    @property
+    def threshold(self) -> float:
+        assert self.options.threshold is not None
+        return self.options.threshold
+
+    def on_grid(self, height: int, width: int) -> PredictPlan:
+        """This plan with the window grid over a ``height`` x ``width`` scene."""
+        return replace(self, grid=WindowGrid(height, width, self.tile, self.overlap))
+
+    def manifest(self, before: str | os.PathLike, after: str | os.PathLike) -> dict[str, Any]:
+        """What an interrupted run and its resume must share: inputs, checkpoint, grid, version and options."""
+        assert self.grid is not None
+        return {
+            "before": str(Path(before).resolve()),
+            "after": str(Path(after).resolve()),
+            "inputs_stat": [_stat_key(before), _stat_key(after)],
+            "checkpoint_sha256": self.checkpoint.sha256,
+            "grid": [self.grid.height, self.grid.width, self.tile, self.overlap],
+            "cdmap_version": __version__,
+        } | asdict(self.options)
+
+
+def make_plan(options: PredictOptions, ckpt: Checkpoint) -> PredictPlan:
+    """Resolve ``options`` against ``ckpt`` and validate the result (:class:`UsageError`)."""
+    from cdmap.device import resolve_device, resolve_precision
+
+    tile = ckpt.tile_size if options.tile_size is None else options.tile_size
+    overlap = default_overlap(tile) if options.overlap is None else options.overlap
+    _check_tile_options(tile, overlap)
+    threshold = ckpt.threshold if options.threshold is None else options.threshold
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
+    resolved = replace(options, tile_size=tile, overlap=overlap, threshold=threshold)
+    return PredictPlan(resolved, ckpt, device, precision)
+
+
+def _check_tile_options(tile: int, overlap: int) -> None:
+    if tile < 32:
+        raise UsageError(f"--tile-size {tile} is too small (minimum 32)")
+    if overlap < 0:
+        raise UsageError(f"--overlap {overlap} must be >= 0")
+    if overlap >= tile:
+        raise UsageError(f"--overlap {overlap} must be smaller than the tile size {tile}")
+
+
+def _stat_key(path: str | os.PathLike) -> list[int]:
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]

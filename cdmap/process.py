@@ -1,0 +1,127 @@
+"""Process plumbing shared by long runs (predict today, training later).
+
+* :class:`SignalGuard`: SIGINT/SIGTERM become :class:`cdmap.errors.Interrupted` in the main thread;
+* :func:`signals_blocked`: a block in which SIGINT/SIGTERM wait (renaming outputs into place);
+* :class:`Fd2Capture`: file descriptor 2 redirected to a temporary file (C libraries write there directly);
+* :func:`fault_point`: the test hook ``CDMAP_FAULT_INJECT=phase:N`` (SIGKILL at the N-th ``phase`` point).
+
+Call :func:`fault_point` through the module (``process.fault_point(...)``) so tests can replace it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import IO
+
+from cdmap.errors import Interrupted
+
+FAULT_ENV = "CDMAP_FAULT_INJECT"
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class SignalGuard:
+    """Turns SIGINT/SIGTERM into :class:`Interrupted` in the main thread while the block runs."""
+
+    def __enter__(self) -> SignalGuard:
+        self._old: dict[int, object] = {}
+        if _in_main_thread():
+            for sig in _SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    @staticmethod
+    def _handle(signum: int, frame: FrameType | None) -> None:  # noqa: ARG004
+        raise Interrupted(signum)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def signals_blocked() -> Iterator[None]:
+    """SIGINT/SIGTERM received during the block are held and delivered, to the handlers that were in place,
+    when it ends.
+
+    The handlers are swapped for recorders rather than masking the signals: ``pthread_sigmask`` masks only the
+    calling thread, and a signal delivered to any other thread (torch's, GDAL's, the reader pool's) would still
+    run the Python handler in the main thread inside the block.
+    """
+    if not _in_main_thread():
+        yield
+        return
+    received: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in _SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)
+
+
+class Fd2Capture:
+    """Redirects file descriptor 2 to a temporary file until :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self._saved: int | None = None
+        self._file: IO[bytes] | None = None
+
+    def start(self) -> Fd2Capture:
+        """Begin capturing; when fd 2 cannot be redirected nothing is captured."""
+        try:
+            sys.stderr.flush()
+            self._file = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        except (OSError, ValueError):
+            self._saved = None
+        return self
+
+    def stop(self, replay: bool) -> str:
+        """Restore fd 2; with ``replay`` the captured text is written to the real stderr. Idempotent."""
+        if self._saved is None or self._file is None:
+            return ""
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._saved = None
+        self._file.seek(0)
+        text = self._file.read().decode(errors="replace")
+        self._file.close()
+        if replay and text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        return text
+
+
+_fault_lock = threading.Lock()
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(phase: str) -> None:
+    """Test hook: with ``CDMAP_FAULT_INJECT=phase:N`` the process SIGKILLs itself at the N-th ``phase`` point.
+
+    Predict's phases: read, strip, assemble, vectorize, commit (used by the resume tests).
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want, _, n = spec.partition(":")
+    if want != phase:
+        return
+    with _fault_lock:
+        _fault_counts[phase] = _fault_counts.get(phase, 0) + 1
+        if _fault_counts[phase] >= int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
