@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from cdmap.cli.app import app
+from cdmap.cli.options import Device, Overwrite, Quiet
 
 
 @app.command("demo")
@@ -15,9 +16,9 @@ def demo(
     epochs: int = typer.Option(25, "--epochs", help="Training epochs."),
     tiles: int = typer.Option(48, "--tiles", help="Synthetic training tiles."),
     seed: int = typer.Option(0, "--seed", help="Seed of data and training."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing demo folder."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final summary."),
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Synthetic tiles -> train FSG-Net -> map a synthetic scene -> score it against the known truth."""
     from cdmap.demo import run_demo

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from cdmap.cli.app import app
+from cdmap.cli.options import BatchSize, Device, Model, Overwrite, Precision, Quiet, Threshold, TileSize, Workers
 from cdmap.models.config import BACKBONES, DEFAULT_BACKBONE, backbone_names
 
 
@@ -40,7 +41,7 @@ def train_cmd(
     effective_batch: int | None = typer.Option(
         None, "--effective-batch", help="Pairs per optimiser update; accumulates gradients (default: 32)."),
     crop_size: int | None = typer.Option(None, "--crop-size", help="Random crop size, never resized (default: 256)."),
-    workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes (default: 4)."),
+    workers: Workers = None,
     seed: int | None = typer.Option(None, "--seed", help="Seed of weights, data order, augmentation (default: 2025)."),
     backbone: str | None = typer.Option(
         None, "--backbone", help=f"One of {backbone_names()} (default: {DEFAULT_BACKBONE})."),
@@ -50,9 +51,8 @@ def train_cmd(
         False, "--no-imagenet", help="Do not load packaged ImageNet weights ("
         f"{', '.join(n for n, b in BACKBONES.items() if b.imagenet_loader) or 'none'})."),
     in_channels: int | None = typer.Option(None, "--in-channels", help="Band count (default: inferred from the data)."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: auto)."),
-    precision: str | None = typer.Option(
-        None, "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (default: auto)."),
+    device: Device = None,
+    precision: Precision = None,
     no_augment: bool = typer.Option(False, "--no-augment", help="Random crops only, no augmentation."),
     val_fraction: float | None = typer.Option(
         None, "--val-fraction", help="Hold out this fraction of the pairs for validation (flat layout: default 0.1)."),
@@ -65,8 +65,8 @@ def train_cmd(
         "(default: f1_calibrated)."),
     stop_after: int | None = typer.Option(
         None, "--stop-after", help="Stop once this many epochs are done (resume later with --resume)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in OUTPUT."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or per-epoch lines."),
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Train FSG-Net on change-detection tiles (reference recipe by default); torchrun for several GPUs."""
     # Long only because typer declares the options in the signature; the body maps them to TrainConfig
@@ -113,25 +113,25 @@ def train_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     data: Path | None = typer.Argument(None, help="Tile folder (LEVIR layout or flat A/B/label)."),
-    model: Path = typer.Option(..., "--model", "-m", help="cdmap checkpoint (.pt)."),
+    model: Model = ...,
     split: str = typer.Option("test", "--split", help="Sub-folder of DATA to evaluate (flat DATA: all pairs)."),
     scene: tuple[Path, Path, Path] | None = typer.Option(
         None, "--scene", help="BEFORE AFTER LABELS: evaluate a whole scene through the predict pipeline "
         "(LABELS: raster on the output grid, or polygons)."),
-    threshold: float | None = typer.Option(None, "--threshold", help="P(change) threshold (default: checkpoint's)."),
+    threshold: Threshold = None,
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Write per-image metrics to this CSV."),
     error_maps: Path | None = typer.Option(
         None, "--error-maps", help="Write colour error maps here (TP white, TN black, FP red, FN green)."),
     ignore_index: int | None = typer.Option(None, "--ignore-index", help="Label value meaning 'unlabelled'."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Same-size tiles (or scene windows) per model call."),
-    workers: int = typer.Option(0, "--workers", help="DataLoader workers (tiles) / reader threads (scene)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16."),
-    tile_size: int | None = typer.Option(None, "--tile-size", help="--scene: window size (default: checkpoint's)."),
+    batch_size: BatchSize = 1,
+    workers: Workers = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    tile_size: TileSize = None,
     prediction_dir: Path | None = typer.Option(
         None, "--prediction-dir", help="--scene: keep the prediction outputs in this folder."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: Quiet = False,
 ) -> None:
     """Precision, recall, F1, IoU (change class), OA and kappa of a checkpoint on labelled tiles or a scene."""
     from cdmap.errors import UsageError
@@ -175,8 +175,8 @@ def tiles_cmd(
     split: str = typer.Option("0.7,0.15,0.15", "--split", help="Train,val,test fractions of the tiles."),
     seed: int = typer.Option(0, "--seed", help="Seed of the tile shuffle that assigns splits."),
     fmt: str = typer.Option("tif", "--format", help="tif (GeoTIFF, keeps georeferencing) or png."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing split folders in DATA."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """Cut a scene pair and its labels into LEVIR-layout training tiles with train/val/test splits."""
     from cdmap.train.tiles import make_tiles

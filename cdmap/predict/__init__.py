@@ -9,6 +9,7 @@ an interrupted run), :mod:`~cdmap.predict.assemble` (rasters and polygons from t
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ from cdmap.predict.outputs import (
     summary_paragraph,
 )
 from cdmap.predict.plan import PredictPlan, default_overlap, make_plan
+
+log = logging.getLogger("cdmap.predict")
 
 __all__ = ["predict_scene", "PredictOptions", "RunOptions", "PredictResult", "PredictPlan", "default_overlap",
            "output_paths", "change_mask", "PROB_NAME", "MASK_NAME", "RUN_NAME", "VECTOR_NAME", "VECTOR_FORMATS",
@@ -70,8 +73,6 @@ def predict_scene(
     pair = open_pair(before, after, bands=opts.bands, expected_bands=ckpt.in_channels, align=opts.align,
                      resampling=opts.resampling, allow_no_crs=opts.allow_no_crs)
     try:
-        for note in pair.notes:
-            run.say(f"cdmap: {note}")
         plan = plan.on_grid(pair.height, pair.width)
         outdir = Path(outdir)
         finals = output_paths(outdir, opts.vector_format)
@@ -80,7 +81,7 @@ def predict_scene(
         timings = {"preflight_s": time.perf_counter() - t_start}
         manifest = plan.manifest(before, after)
         check_free_space(outdir, pair.height * pair.width, opts.prob_dtype)
-        journal = open_journal(workdir, manifest, run.resume, run.say)
+        journal = open_journal(workdir, manifest, run.resume)
         t0 = time.perf_counter()
         import rasterio
 
@@ -93,7 +94,7 @@ def predict_scene(
         pair.close()
     result = PredictResult(outdir, finals["probability"], finals["mask"], finals.get("vectors"), finals["run"],
                            summary)
-    run.say(summary_paragraph(result))
+    log.info("%s", summary_paragraph(result))
     return result
 
 

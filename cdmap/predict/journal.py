@@ -12,15 +12,17 @@ appended, so a journal line always names a complete file. A torn last line (kill
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cdmap.errors import OutputError, ResumeError
+
+log = logging.getLogger("cdmap.predict")
 
 WORKDIR_NAME = ".cdmap-partial"
 
@@ -144,8 +146,8 @@ class Journal:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def open_journal(workdir: Path, manifest: dict[str, Any], resume: bool, say: Callable[[str], None]) -> Journal:
-    """The journal to continue (``resume`` and a matching one exists) or a fresh one; ``say`` gets the notes.
+def open_journal(workdir: Path, manifest: dict[str, Any], resume: bool) -> Journal:
+    """The journal to continue (``resume`` and a matching one exists) or a fresh one; notes go to the log.
 
     Raises :class:`ResumeError` when ``resume`` finds a journal of a different run.
     """
@@ -153,9 +155,9 @@ def open_journal(workdir: Path, manifest: dict[str, Any], resume: bool, say: Cal
     if resume:
         if existing is not None:
             existing.check_matches(manifest)
-            say(f"cdmap: resuming: {existing.finished_rows()} rows already finished")
+            log.info("resuming: %d rows already finished", existing.finished_rows())
             return existing
-        say("cdmap: --resume: no interrupted run found here, starting from the beginning")
+        log.info("--resume: no interrupted run found here, starting from the beginning")
     elif existing is not None or workdir.exists():
-        say("cdmap: discarding an unfinished earlier run in this directory (use --resume to continue one)")
+        log.warning("discarding an unfinished earlier run in this directory (use --resume to continue one)")
     return Journal.create(workdir, manifest)

@@ -3,7 +3,6 @@ the resume manifest) and :class:`RunOptions` (how the run behaves, free to diffe
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -67,11 +66,6 @@ class RunOptions:
         """Raise :class:`UsageError` for an unusable value."""
         if self.workers < 1:
             raise UsageError("--workers must be >= 1")
-
-    def say(self, msg: str) -> None:
-        """A note for the user on stderr, unless ``quiet``."""
-        if not self.quiet:
-            print(msg, file=sys.stderr, flush=True)
 
 
 _PREDICT_FIELDS = {f.name for f in fields(PredictOptions)}

@@ -160,7 +160,7 @@ def summary_paragraph(r: PredictResult) -> str:
     s = r.summary
     seam = s["seam_ratio"]
     return (
-        f"cdmap: {s['inputs']['width']}x{s['inputs']['height']} px in {s['timings']['total_s']:.1f} s "
+        f"{s['inputs']['width']}x{s['inputs']['height']} px in {s['timings']['total_s']:.1f} s "
         f"({s['mpix_per_s']:.2f} MPix/s on {s['device']}, {s['precision']}); "
         f"{s['changed_pixels']} changed px ({s['changed_area_m2']:.1f} m2)"
         + (f" in {s['polygons']} polygons" if s["polygons"] is not None else "")
