@@ -20,7 +20,7 @@ import torch
 
 from cdmap.errors import InputError, OutputError, UsageError
 from cdmap.train.config import TrainConfig, TrainRuntime
-from cdmap.train.distributed import Dist
+from cdmap.distributed import Dist
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "config.json")
 
