@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,9 +42,8 @@ class Dist:
         try:
             yield
         except RuntimeError as exc:  # gloo/nccl errors (DistBackendError is a RuntimeError)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RankError(f"rank {self.rank} of {self.world}: another rank failed or stopped answering "
-                            f"during {what} ({first[:200]})") from exc
+                            f"during {what} ({_short(exc)})") from exc
 
     def barrier(self, what: str = "a barrier") -> None:
         if self.world > 1:
@@ -111,6 +111,13 @@ class Dist:
     def close(self) -> None:
         if self.created and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _short(exc: BaseException) -> str:
+    """The gist of a backend error: its first sentence, without gloo's source-file prefix."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0][:160]
 
 
 def world_size() -> int:
