@@ -42,8 +42,8 @@ def strip_spans(grid: WindowGrid) -> list[StripSpan]:
 
 
 def rank_share(todo: list[StripSpan], rank: int, world: int) -> list[StripSpan]:
-    """The contiguous part of ``todo`` (in order) for ``rank``: strip i goes to the rank whose 1/world of the
-    rows holds the rows before it, so shares differ by at most one strip's rows."""
+    """The contiguous part of ``todo`` (in order) for ``rank``: a strip goes to the rank whose 1/world of the rows
+    holds the rows before it, so each share is within one strip's rows of 1/world of the rows."""
     total = sum(s.rows for s in todo)
     if world <= 1 or total == 0:
         return list(todo)
