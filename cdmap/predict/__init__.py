@@ -5,6 +5,9 @@ Data flows one way through stages, one module each: :mod:`~cdmap.predict.options
 through the network into journaled row strips, :mod:`~cdmap.predict.journal`, so ``resume=True`` continues
 an interrupted run), :mod:`~cdmap.predict.assemble` (rasters and polygons from the strips) and
 :mod:`~cdmap.predict.outputs` (names, checks, run.json, everything renamed into place at once).
+:mod:`~cdmap.predict.scene` runs one pair through them (``predict_scene``; under torchrun each rank computes
+the share of the strips that :mod:`~cdmap.predict.ranks` gives it) and :mod:`~cdmap.predict.pairs` runs
+campaigns of pairs (``predict_pairs``, ``index.gpkg``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ batches and order, of a single-process run (see :mod:`cdmap.predict.compute`).
 from __future__ import annotations
 
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cdmap.tiling import WindowGrid
@@ -82,6 +82,8 @@ class RankReport:
     peak_rss_mib: float
     peak_gpu_mib: float | None = None
     error: tuple[str, int] | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)  # the journal lines it appended
+
 
     @classmethod
     def empty(cls, rank: int, device: str) -> RankReport:
@@ -90,6 +92,7 @@ class RankReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("error")
+        d.pop("records")
         d["compute_s"], d["model_s"] = round(self.compute_s, 3), round(self.model_s, 3)
         d["peak_rss_mib"] = round(self.peak_rss_mib, 1)
         return d

@@ -107,7 +107,8 @@ def predict_one(before: str | os.PathLike, after: str | os.PathLike, outdir: str
                 return PredictResult(outdir, finals["probability"], finals["mask"], finals.get("vectors"),
                                      finals["run"], reports[dist.rank].to_dict())
             timings["compute_s"] = time.perf_counter() - t0
-            journal = Journal.load(workdir) or journal  # every rank's strips
+            for r in reports:  # every rank's strips, from the gather rather than from the other ranks' files
+                journal.done.update((rec["grid_row"], rec) for rec in r.records)
             compute = merge_reports(compute, reports, journal_blend(journal))
             ctx = AssemblyContext(before, after, pair, plan, run, journal, finals, compute)
             summary = _finish(ctx, timings, t_start, reports)
@@ -127,6 +128,7 @@ def _compute_share(pair: Any, plan: PredictPlan, journal: Journal, run: RunOptio
     share = rank_share(todo, dist.rank, dist.world)
     report = RankReport.empty(dist.rank, str(plan.device))
     compute = ComputeStats()
+    known = set(journal.done)
     t0 = time.perf_counter()
     try:
         compute = compute_strips(pair, plan, journal, replace(run, quiet=run.quiet or not dist.main), share)
@@ -140,6 +142,7 @@ def _compute_share(pair: Any, plan: PredictPlan, journal: Journal, run: RunOptio
     report.windows_computed, report.windows_skipped = compute.windows_computed, compute.windows_skipped
     report.compute_s, report.model_s = time.perf_counter() - t0, compute.model_s
     report.peak_rss_mib, report.peak_gpu_mib = peak_rss_mib(), compute.peak_gpu_mib
+    report.records = [rec for gr, rec in journal.done.items() if gr not in known]
     if dist.world > 1:
         log.debug("rank %d: %d strips (%d rows) in %.1f s", dist.rank, report.strips, report.rows,
                   report.compute_s)
