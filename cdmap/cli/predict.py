@@ -59,8 +59,7 @@ def predict(
 ) -> None:
     """Map change between BEFORE and AFTER: probability, mask, polygons and run.json in OUTPUT.
 
-    Under torchrun (torchrun --nproc-per-node N -m cdmap predict ...) the ranks share the scene's strips, or
-    the pairs of --pairs; OUTPUT must be on a file system every rank sees.
+    Under torchrun the ranks share the scene's strips (or the --pairs); OUTPUT must be on a file system all see.
     """
     from cdmap.errors import UsageError
     from cdmap.predict import PredictOptions, RunOptions, predict_pairs, predict_scene
