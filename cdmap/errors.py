@@ -14,6 +14,7 @@ Exit codes (also documented in the README):
  5    a checkpoint is not usable (not cdmap, truncated, newer format, pickle payload)
  6    an output cannot be written (exists without --overwrite, not writable, disk full)
  7    --resume refused: the journal does not match this run
+ 8    another rank of a torchrun job failed or stopped answering (rerun with --resume)
 130   interrupted by Ctrl-C (SIGINT)
 143   terminated (SIGTERM)
 ====  ==========================================================
@@ -29,6 +30,7 @@ EXIT_INCOMPATIBLE = 4
 EXIT_CHECKPOINT = 5
 EXIT_OUTPUT = 6
 EXIT_RESUME = 7
+EXIT_RANK = 8
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -80,6 +82,12 @@ class ResumeError(CdmapError):
     """``--resume`` was asked for but the journal does not match this run."""
 
     exit_code = EXIT_RESUME
+
+
+class RankError(CdmapError):
+    """Another process of a ``torchrun`` job died or stopped answering; finished work is kept for ``--resume``."""
+
+    exit_code = EXIT_RANK
 
 
 class Interrupted(CdmapError):

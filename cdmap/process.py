@@ -3,7 +3,7 @@
 * :class:`SignalGuard`: SIGINT/SIGTERM become :class:`cdmap.errors.Interrupted` in the main thread;
 * :func:`signals_blocked`: a block in which SIGINT/SIGTERM wait (renaming outputs into place);
 * :class:`Fd2Capture`: file descriptor 2 redirected to a temporary file (C libraries write there directly);
-* :func:`fault_point`: the test hook ``CDMAP_FAULT_INJECT=phase:N`` (SIGKILL at the N-th ``phase`` point).
+* :func:`fault_point`: the test hook ``CDMAP_FAULT_INJECT=phase:N[@RANK]`` (SIGKILL at the N-th ``phase`` point).
 
 Call :func:`fault_point` through the module (``process.fault_point(...)``) so tests can replace it.
 """
@@ -113,10 +113,14 @@ _fault_counts: dict[str, int] = {}
 def fault_point(phase: str) -> None:
     """Test hook: with ``CDMAP_FAULT_INJECT=phase:N`` the process SIGKILLs itself at the N-th ``phase`` point.
 
-    Predict's phases: read, strip, assemble, vectorize, commit (used by the resume tests).
+    Predict's phases: read, strip, assemble, vectorize, commit (used by the resume tests). ``phase:N@R`` fires
+    only in the process whose ``RANK`` is R.
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
+        return
+    spec, _, rank = spec.partition("@")  # phase:N@R: only on rank R of a torchrun job
+    if rank and rank != os.environ.get("RANK", "0"):
         return
     want, _, n = spec.partition(":")
     if want != phase:

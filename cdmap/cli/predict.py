@@ -27,9 +27,12 @@ from cdmap.cli.options import (
 
 @app.command("predict")
 def predict(
-    before: Path = typer.Argument(..., help="The earlier scene (GeoTIFF or any GDAL raster)."),
-    after: Path = typer.Argument(..., help="The later scene; warped onto BEFORE's grid if grids differ."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output directory."),
+    before: Path | None = typer.Argument(None, help="The earlier scene (GeoTIFF or any GDAL raster)."),
+    after: Path | None = typer.Argument(None, help="The later scene; warped onto BEFORE's grid if grids differ."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory (with --pairs: the campaign's root)."),
+    pairs: Path | None = typer.Option(
+        None, "--pairs", help="CSV of scene pairs (columns before, after, optional name; paths relative to the "
+        "CSV): one folder per pair in OUTPUT plus OUTPUT/index.gpkg. Replaces BEFORE and AFTER."),
     model: Model = ...,
     tile_size: TileSize = None,
     overlap: int | None = typer.Option(None, "--overlap", help="Window overlap in pixels (default: tile/8)."),
@@ -50,10 +53,16 @@ def predict(
     allow_no_crs: bool = typer.Option(False, "--allow-no-crs", help="Accept two rasters without CRS (pixel grid)."),
     overwrite: Overwrite = False,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in the same OUTPUT."),
+    rank_timeout: float = typer.Option(
+        7200.0, "--rank-timeout", help="Under torchrun: seconds a rank waits for the others before failing."),
     quiet: Quiet = False,
 ) -> None:
-    """Map change between BEFORE and AFTER: probability, mask, polygons and run.json in OUTPUT."""
-    from cdmap.predict import PredictOptions, RunOptions, predict_scene
+    """Map change between BEFORE and AFTER: probability, mask, polygons and run.json in OUTPUT.
+
+    Under torchrun the ranks share the scene's strips (or the --pairs); OUTPUT must be on a file system all see.
+    """
+    from cdmap.errors import UsageError
+    from cdmap.predict import PredictOptions, RunOptions, predict_pairs, predict_scene
 
     opts = PredictOptions(
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device, precision=precision,
@@ -61,5 +70,12 @@ def predict(
         prob_dtype=prob_dtype, vector_format=vector_format, creation_options=parse_creation_options(co),
         cog=cog, align=align, resampling=resampling, allow_no_crs=allow_no_crs,
     )
-    run = RunOptions(workers=workers, quiet=quiet, overwrite=overwrite, resume=resume)
-    predict_scene(before, after, output, model, opts, run)
+    run = RunOptions(workers=workers, quiet=quiet, overwrite=overwrite, resume=resume, rank_timeout=rank_timeout)
+    if pairs is not None:
+        if before is not None or after is not None:
+            raise UsageError("give either BEFORE AFTER or --pairs, not both")
+        predict_pairs(pairs, output, model, opts, run).check()
+    elif before is None or after is None:
+        raise UsageError("missing BEFORE and AFTER (or --pairs PAIRS.csv)")
+    else:
+        predict_scene(before, after, output, model, opts, run)

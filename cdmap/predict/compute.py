@@ -1,5 +1,6 @@
 """The compute stage: windows of the pair -> :class:`~cdmap.inference.Predictor` in batches -> blended row
-strips, each persisted in the journal as soon as it is final.
+strips, each persisted in the journal as soon as it is final. A process computes its share of the strips
+(all of them, or one rank's, :mod:`cdmap.predict.ranks`) band by band.
 
 Reader threads read and prepare the windows of the next batches while the network runs the current one.
 """
@@ -18,6 +19,7 @@ from rasterio.windows import Window
 from cdmap import process
 from cdmap.inference import PendingProbability, Predictor
 from cdmap.predict.journal import Journal
+from cdmap.predict.ranks import StripSpan, bands, strip_spans
 from cdmap.tiling import GridWindow, StripStitcher, WindowGrid
 from cdmap.tiling.stitch import BlendStats
 
@@ -44,6 +46,8 @@ class ComputeStats:
     blend: BlendStats = field(default_factory=BlendStats)
     model_s: float = 0.0
     peak_gpu_mib: float | None = None
+    strips: int = 0  # strips (and their rows) this process computed
+    rows: int = 0
 
 
 def gdal_cache_bytes(pair: ScenePair, tile: int) -> int:
@@ -69,10 +73,11 @@ def quantise(prob: np.ndarray, prob_dtype: str) -> tuple[np.ndarray, np.ndarray]
     return prob.astype(np.float32), valid
 
 
-def _journal_blend(journal: Journal) -> BlendStats:
+def journal_blend(journal: Journal) -> BlendStats:
+    """The blend statistics of every journaled strip, summed top down (the same order whoever computed them)."""
     total = BlendStats()
-    for rec in journal.done.values():
-        total.add(BlendStats(**rec["stats"]))
+    for gr in sorted(journal.done):
+        total.add(BlendStats(**journal.done[gr]["stats"]))
     return total
 
 
@@ -80,27 +85,36 @@ def _stats_delta(now: BlendStats, before: BlendStats) -> BlendStats:
     return BlendStats(**{k: getattr(now, k) - getattr(before, k) for k in now.__dataclass_fields__})
 
 
-class _StripComputer:
-    """One compute stage over the grid rows not yet in the journal."""
+class _BandComputer:
+    """One compute stage over a band of adjacent strips (all of them in a fresh single-process run).
 
-    def __init__(self, pair: ScenePair, plan: PredictPlan, journal: Journal, stats: ComputeStats) -> None:
+    The stitcher starts one row above the band (the last row of the strip before it), so the first strip's
+    vertical seam steps and the statistics recorded per strip are those of a single-process run; windows are
+    taken from the start of the global batch holding the first window that reaches that row, up to the end
+    of the batch holding the band's last window.
+    """
+
+    def __init__(self, pair: ScenePair, plan: PredictPlan, journal: Journal, stats: ComputeStats,
+                 predictor: Predictor, band: list[StripSpan]) -> None:
         assert plan.grid is not None
         self.pair, self.plan, self.journal, self.stats = pair, plan, journal, stats
         self.grid: WindowGrid = plan.grid
-        self.predictor = Predictor.from_checkpoint(plan.checkpoint, plan.device, plan.precision)
-        self.stitcher = StripStitcher(self.grid, start_row=journal.finished_rows())
+        self.predictor = predictor
+        self.first, self.last = band[0].grid_row, band[-1].grid_row
+        self.start_row = max(band[0].row0 - 1, 0)
+        self.stitcher = StripStitcher(self.grid, start_row=self.start_row)
         self._last_blend = BlendStats()
 
     def windows(self) -> list[GridWindow]:
-        """Windows still to compute, from the start of a global batch.
+        """The band's windows, whole global batches (windows [j*B, (j+1)*B)).
 
-        First grid row whose windows reach rows not yet finished; batches keep their global composition
-        (windows [j*B, (j+1)*B)), so a resumed run computes every window exactly as the first run did.
+        Batches keep their global composition, so every window is computed exactly as in any other run.
         """
-        start_row, tile, bsz = self.journal.finished_rows(), self.grid.tile, self.plan.options.batch_size
-        k = next(r for r, p in enumerate(self.grid.row_positions) if p + tile > start_row)
-        first = self.grid.first_window_of_grid_row(k)
-        return self.grid.windows((first // bsz) * bsz)
+        grid, bsz = self.grid, self.plan.options.batch_size
+        k = next(r for r, p in enumerate(grid.row_positions) if p + grid.tile > self.start_row)
+        first = (grid.first_window_of_grid_row(k) // bsz) * bsz
+        end = grid.first_window_of_grid_row(self.last + 1)
+        return grid.windows(first)[: -(-end // bsz) * bsz - first]
 
     def read_tile(self, w: GridWindow) -> Tile:
         """Read and prepare one window (reflection-padded to the tile where it leaves the scene)."""
@@ -128,7 +142,7 @@ class _StripComputer:
         return idx, self.predictor.launch(xa, xb)
 
     def stitch(self, batch: list[GridWindow], tiles: list[Tile], launched: tuple[list[int], Any]) -> None:
-        """Blend a finished batch; every grid row it completes goes to the journal as a strip."""
+        """Blend a finished batch; every grid row it completes in the band goes to the journal as a strip."""
         idx, pending = launched
         probs = {} if pending is None else dict(zip(idx, pending.numpy(), strict=True))
         ncols = len(self.grid.col_positions)
@@ -138,8 +152,9 @@ class _StripComputer:
                 self.stats.windows_skipped += 1
             else:
                 self.stats.windows_computed += 1
-                self.stitcher.add(w, probs[i], tile[2])
-            if (w.index + 1) % ncols == 0:
+                if w.grid_row <= self.last:  # later windows only complete the batch
+                    self.stitcher.add(w, probs[i], tile[2])
+            if (w.index + 1) % ncols == 0 and w.grid_row <= self.last:
                 self._record(w.grid_row)
 
     def _record(self, grid_row: int) -> None:
@@ -148,55 +163,80 @@ class _StripComputer:
             return
         delta = _stats_delta(self.stitcher.stats, self._last_blend)
         self._last_blend = BlendStats(**self.stitcher.stats.to_dict())
+        if grid_row < self.first:  # the context row above the band: another band's strip
+            return
         data, valid = quantise(strip.prob, self.plan.options.prob_dtype)
         self.journal.record_strip(strip.grid_row, strip.row0, strip.row1, data, valid, delta.to_dict())
+        self.stats.strips += 1
+        self.stats.rows += strip.row1 - strip.row0
         process.fault_point("strip")
 
 
-def compute_strips(pair: ScenePair, plan: PredictPlan, journal: Journal, run: RunOptions) -> ComputeStats:
-    """Compute and journal every strip not yet finished; returns the statistics of the whole run."""
+def compute_strips(pair: ScenePair, plan: PredictPlan, journal: Journal, run: RunOptions,
+                   share: list[StripSpan] | None = None) -> ComputeStats:
+    """Compute and journal the strips of ``share`` (default: every strip not yet in the journal).
+
+    Returns this process's statistics; ``blend`` covers every strip in the journal.
+    """
     from cdmap.progress import Progress
 
     assert plan.grid is not None
     grid = plan.grid
-    stats = ComputeStats(windows_total=len(grid), device=str(plan.device), precision=plan.precision,
-                         blend=_journal_blend(journal))
-    if journal.finished_rows() >= grid.height:
-        return stats
-    if plan.device.type == "cuda":  # deterministic kernels: a resumed run must match the first bit for bit
-        import torch
+    stats = ComputeStats(windows_total=len(grid), device=str(plan.device), precision=plan.precision)
+    if share is None:
+        share = [s for s in strip_spans(grid) if s.grid_row not in journal.done]
+    if share:
+        if plan.device.type == "cuda":  # deterministic kernels: a resumed run must match the first bit for bit
+            import torch
 
-        torch.backends.cudnn.benchmark = False
-    comp = _StripComputer(pair, plan, journal, stats)
-    windows = comp.windows()
-    bsz = plan.options.batch_size
+            torch.backends.cudnn.benchmark = False
+        predictor = Predictor.from_checkpoint(plan.checkpoint, plan.device, plan.precision)
+        comps = [_BandComputer(pair, plan, journal, stats, predictor, band) for band in bands(share)]
+        todo = [(c, c.windows()) for c in comps]
+        progress = Progress(sum(len(w) for _, w in todo), "predict", pixels_per_unit=grid.stride ** 2,
+                            quiet=run.quiet)
+        pool = ThreadPoolExecutor(max_workers=run.workers, thread_name_prefix="cdmap-read")
+        try:
+            for comp, windows in todo:
+                _run_band(comp, windows, pool, progress)
+        finally:
+            progress.close()
+            pool.shutdown(wait=True, cancel_futures=True)
+        stats.peak_gpu_mib = predictor.peak_memory_mib()
+    stats.blend = journal_blend(journal)
+    return stats
+
+
+def _run_band(comp: _BandComputer, windows: list[GridWindow], pool: ThreadPoolExecutor, progress: Any) -> None:
+    """The pipeline of one band: reads run ``PREFETCH`` batches ahead; batch j is stitched while j+1 computes."""
+    bsz = comp.plan.options.batch_size
     batches = [windows[i : i + bsz] for i in range(0, len(windows), bsz)]
-    progress = Progress(len(grid), "predict", pixels_per_unit=grid.stride ** 2, quiet=run.quiet,
-                        initial=windows[0].index if windows else len(grid))
-    pool = ThreadPoolExecutor(max_workers=run.workers, thread_name_prefix="cdmap-read")
     queue: deque[list[Future[Tile]]] = deque()
-    try:
-        for j in range(min(PREFETCH, len(batches))):
-            queue.append([pool.submit(comp.read_tile, w) for w in batches[j]])
-        pending = None
-        for j, batch in enumerate(batches):
-            futs = queue.popleft()
-            if j + PREFETCH < len(batches):
-                queue.append([pool.submit(comp.read_tile, w) for w in batches[j + PREFETCH]])
-            tiles = [f.result() for f in futs]
-            tm = time.perf_counter()
-            launched = comp.launch(tiles)
-            if pending is not None:  # the previous batch finishes while this one runs on the device
-                comp.stitch(*pending)
-                progress.update(len(pending[0]))
-            stats.model_s += time.perf_counter() - tm
-            pending = (batch, tiles, launched)
-        if pending is not None:
+    for j in range(min(PREFETCH, len(batches))):
+        queue.append([pool.submit(comp.read_tile, w) for w in batches[j]])
+    pending = None
+    for j, batch in enumerate(batches):
+        futs = queue.popleft()
+        if j + PREFETCH < len(batches):
+            queue.append([pool.submit(comp.read_tile, w) for w in batches[j + PREFETCH]])
+        tiles = [f.result() for f in futs]
+        tm = time.perf_counter()
+        launched = comp.launch(tiles)
+        if pending is not None:  # the previous batch finishes while this one runs on the device
             comp.stitch(*pending)
             progress.update(len(pending[0]))
-    finally:
-        progress.close()
-        pool.shutdown(wait=True, cancel_futures=True)
-    stats.peak_gpu_mib = comp.predictor.peak_memory_mib()
-    stats.blend = _journal_blend(journal)
-    return stats
+        comp.stats.model_s += time.perf_counter() - tm
+        pending = (batch, tiles, launched)
+    if pending is not None:
+        comp.stitch(*pending)
+        progress.update(len(pending[0]))
+
+
+def merge_reports(mine: ComputeStats, reports: list[Any], blend: BlendStats) -> ComputeStats:
+    """Rank 0's statistics with every rank's window counts summed and the blend of the whole journal."""
+    mine.windows_computed = sum(r.windows_computed for r in reports)
+    mine.windows_skipped = sum(r.windows_skipped for r in reports)
+    gpu = [r.peak_gpu_mib for r in reports if r.peak_gpu_mib is not None]
+    mine.peak_gpu_mib = max(gpu) if gpu else None
+    mine.blend = blend
+    return mine

@@ -3,6 +3,7 @@
 Layout under ``OUTDIR/.cdmap-partial/``::
 
     journal.jsonl          line 1: the run manifest; then one line per finished strip (append-only, fsynced)
+    journal.rank3.jsonl    the strip lines of rank 3 of a torchrun job (rank 0 appends to journal.jsonl)
     strips/r000012.npz     the strip's stored probabilities (final dtype) and validity
 
 A strip's file is written under a temporary name, flushed and renamed *before* its journal line is
@@ -25,6 +26,7 @@ from cdmap.errors import OutputError, ResumeError
 log = logging.getLogger("cdmap.predict")
 
 WORKDIR_NAME = ".cdmap-partial"
+RANK_LINES = "journal.rank{rank}.jsonl"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,6 +49,7 @@ class Journal:
         self.workdir = workdir
         self.manifest = manifest
         self.done = done  # grid_row -> record
+        self.lines_path = self.path  # where this process appends its strip lines (see for_rank)
 
     @property
     def path(self) -> Path:
@@ -55,6 +58,12 @@ class Journal:
     @property
     def strips_dir(self) -> Path:
         return self.workdir / "strips"
+
+    def for_rank(self, rank: int) -> Journal:
+        """This journal, appending its strip lines to ``rank``'s own file: ranks never share a file."""
+        if rank > 0:
+            self.lines_path = self.workdir / RANK_LINES.format(rank=rank)
+        return self
 
     @classmethod
     def create(cls, workdir: Path, manifest: dict[str, Any]) -> Journal:
@@ -86,13 +95,15 @@ class Journal:
         except (IndexError, ValueError, KeyError, TypeError):
             return None
         done: dict[int, dict[str, Any]] = {}
-        for line in lines[1:]:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                break  # torn final line from a kill mid-append
-            if (workdir / "strips" / rec["file"]).is_file():
-                done[int(rec["grid_row"])] = rec
+        rank_files = sorted(workdir.glob(RANK_LINES.format(rank="*")))  # any earlier world size
+        for strip_lines in [lines[1:]] + [p.read_text().splitlines() for p in rank_files]:
+            for line in strip_lines:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    break  # torn final line from a kill mid-append
+                if (workdir / "strips" / rec["file"]).is_file():
+                    done[int(rec["grid_row"])] = rec
         return cls(workdir, manifest, done)
 
     def check_matches(self, manifest: dict[str, Any]) -> None:
@@ -127,7 +138,7 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
-            with open(self.path, "a") as f:
+            with open(self.lines_path, "a") as f:
                 f.write(json.dumps(rec, sort_keys=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -155,7 +166,8 @@ def open_journal(workdir: Path, manifest: dict[str, Any], resume: bool) -> Journ
     if resume:
         if existing is not None:
             existing.check_matches(manifest)
-            log.info("resuming: %d rows already finished", existing.finished_rows())
+            log.info("resuming: %d rows already finished",
+                     sum(r["row1"] - r["row0"] for r in existing.done.values()))
             return existing
         log.info("--resume: no interrupted run found here, starting from the beginning")
     elif existing is not None or workdir.exists():

@@ -55,17 +55,21 @@ class PredictOptions:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """Options that never change an output byte: reader threads, notes, replacing outputs, resuming."""
+    """Options that never change an output byte: reader threads, notes, replacing outputs, resuming, and how
+    long a rank of a torchrun job waits for the others (``rank_timeout``, seconds)."""
 
     workers: int = 2
     quiet: bool = False
     overwrite: bool = False
     resume: bool = False
+    rank_timeout: float = 7200.0  # = cdmap.distributed.DEFAULT_TIMEOUT_S (not imported: it pulls in torch)
 
     def check(self) -> None:
         """Raise :class:`UsageError` for an unusable value."""
         if self.workers < 1:
             raise UsageError("--workers must be >= 1")
+        if self.rank_timeout <= 0:
+            raise UsageError("--rank-timeout must be > 0 seconds")
 
 
 _PREDICT_FIELDS = {f.name for f in fields(PredictOptions)}

@@ -52,6 +52,17 @@ class PredictPlan:
         """This plan with the window grid over a ``height`` x ``width`` scene."""
         return replace(self, grid=WindowGrid(height, width, self.tile, self.overlap))
 
+    def for_rank(self, local_rank: int, world: int) -> PredictPlan:
+        """This plan on ``cuda:LOCAL_RANK`` for a rank of a torchrun job, unless the device names one GPU."""
+        if world <= 1 or self.device.type != "cuda" or self.options.device not in ("auto", "cuda"):
+            return self
+        import torch
+
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"torchrun started local rank {local_rank} but only {torch.cuda.device_count()} "
+                             "GPU(s) are visible: use --nproc-per-node <= the number of GPUs, or --device cpu")
+        return replace(self, device=torch.device("cuda", local_rank))
+
     def manifest(self, before: str | os.PathLike, after: str | os.PathLike) -> dict[str, Any]:
         """What an interrupted run and its resume must share: inputs, checkpoint, grid, version and options."""
         assert self.grid is not None

@@ -4,10 +4,10 @@
 Submodules: :mod:`~cdmap.train.config` (the recipe :class:`TrainConfig`, the :class:`TrainRuntime`, the result),
 :mod:`~cdmap.train.loop` (``train``, ``resume`` and the epoch steps), :mod:`~cdmap.train.build` (building a
 session), :mod:`~cdmap.train.data` (statistics, training crops, the epoch sampler), :mod:`~cdmap.train.augment`
-(joint augmentations), :mod:`~cdmap.train.losses` (CE + Dice), :mod:`~cdmap.train.state` (schedule, RNG states),
-:mod:`~cdmap.train.distributed` (torchrun) and :mod:`~cdmap.train.tiles` (cutting a georeferenced scene pair into
-training tiles). Tile folders themselves are :mod:`cdmap.data`. Names are imported on first use, so
-``cdmap.train.tiles`` does not pull in torch.
+(joint augmentations), :mod:`~cdmap.train.losses` (CE + Dice), :mod:`~cdmap.train.state` (schedule, RNG states) and
+:mod:`~cdmap.train.tiles` (cutting a georeferenced scene pair into training tiles); the torchrun process group is
+:mod:`cdmap.distributed`, shared with predict. Tile folders themselves are :mod:`cdmap.data`. Names are imported
+on first use, so ``cdmap.train.tiles`` does not pull in torch.
 """
 
 from __future__ import annotations

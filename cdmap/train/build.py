@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cdmap.distributed import Dist
 from cdmap.errors import InputError, OutputError, UsageError
 from cdmap.train.config import TrainConfig, TrainRuntime
-from cdmap.train.distributed import Dist
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "config.json")
 

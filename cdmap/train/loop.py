@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 
+from cdmap.distributed import init_distributed
 from cdmap.errors import ResumeError, UsageError
 from cdmap.train.build import Session, build
 from cdmap.train.config import TrainConfig, TrainResult, TrainRuntime
-from cdmap.train.distributed import init_distributed
 from cdmap.train.state import dropblock_schedule, rng_state, set_rng_state, to_cpu
 
 CSV_FIELDS = (
