@@ -210,12 +210,39 @@ def find_pairs(folder: str | Path) -> list[PairFiles]:
     return pairs
 
 
+_END_MARKERS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+
+
+def incomplete_image(path: Path) -> str | None:
+    """Why a PNG or JPEG file cannot be decoded completely (truncated: no end marker), or None.
+
+    GDAL's PNG and JPEG drivers return the decoded part of a truncated file and fill the rest silently, so a cut
+    download would otherwise be trained on as real pixels.
+    """
+    marker = _END_MARKERS.get(path.suffix.lower())
+    if marker is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 64))
+            tail = f.read()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if marker not in tail:
+        return f"truncated {path.suffix.lower().lstrip('.').upper()} (no end marker): cannot be decoded completely"
+    return None
+
+
 def _check_one(pair: PairFiles, ignore_index: int | None,
                expected_bands: int | None) -> tuple[PairFiles | None, list[str]]:
     shapes = {}
     problems: list[str] = []
     for key in ("a", "b", "label"):
         path = getattr(pair, key)
+        why = incomplete_image(path)
+        if why:
+            problems.append(f"{path.parent.name}/{path.name}: {why}")
+            continue
         try:
             with _open(path) as src:
                 shapes[key] = (len(data_bands(src, expected_bands)[0]), src.height, src.width)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from cdmap import process
 from cdmap.checkpoint import Checkpoint, load_checkpoint
+from cdmap.errors import Interrupted
+from cdmap.files import check_outputs_spare_inputs, with_sidecars
 from cdmap.predict.assemble import AssemblyContext, change_mask, write_rasters, write_vectors
 from cdmap.predict.compute import compute_strips, gdal_cache_bytes
 from cdmap.predict.journal import WORKDIR_NAME, open_journal
@@ -34,7 +37,9 @@ from cdmap.predict.outputs import (
     output_errors,
     output_paths,
     prepare_outdir,
+    manifest_key,
     run_summary,
+    finished_run,
     summary_paragraph,
 )
 from cdmap.predict.plan import PredictPlan, default_overlap, make_plan
@@ -67,19 +72,40 @@ def predict_scene(
     opts, run = split_overrides(options, run, overrides)
     opts.check()
     run.check()
+    outdir = Path(outdir)
+    finals = output_paths(outdir, opts.vector_format)
+    workdir = outdir / WORKDIR_NAME
+    check_outputs_spare_inputs(
+        [*with_sidecars(before), *with_sidecars(after), *([] if isinstance(model, Checkpoint) else [model])],
+        finals.values(), [workdir])
+    try:
+        return _predict(before, after, outdir, finals, model, opts, run)
+    except Interrupted as exc:
+        raise exc.with_hint("partial work kept, rerun with --resume to continue") from None
+
+
+def _predict(before: str | os.PathLike, after: str | os.PathLike, outdir: Path, finals: dict[str, Path],
+             model: str | os.PathLike | Checkpoint, opts: PredictOptions, run: RunOptions) -> PredictResult:
+    """:func:`predict_scene` once its options and output names are checked."""
+    from cdmap.raster.pair import open_pair
+
     t_start = time.perf_counter()
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(Path(model))
+    process.fault_point("load")
     plan = make_plan(opts, ckpt)
     pair = open_pair(before, after, bands=opts.bands, expected_bands=ckpt.in_channels, align=opts.align,
                      resampling=opts.resampling, allow_no_crs=opts.allow_no_crs)
     try:
         plan = plan.on_grid(pair.height, pair.width)
-        outdir = Path(outdir)
-        finals = output_paths(outdir, opts.vector_format)
         workdir = outdir / WORKDIR_NAME
+        manifest = plan.manifest(before, after)
+        finished = finished_run(outdir, finals, manifest) if run.resume else None
+        if finished is not None:  # killed after the last rename: the run is complete, only its journal is left
+            log.info("--resume: this run had already finished; its outputs are complete")
+            shutil.rmtree(workdir, ignore_errors=True)
+            return finished
         prepare_outdir(outdir, finals, run.overwrite, resuming=run.resume and (workdir / "journal.jsonl").is_file())
         timings = {"preflight_s": time.perf_counter() - t_start}
-        manifest = plan.manifest(before, after)
         check_free_space(outdir, pair.height * pair.width, opts.prob_dtype)
         journal = open_journal(workdir, manifest, run.resume)
         t0 = time.perf_counter()
@@ -106,7 +132,7 @@ def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float) -> 
         timings["rasters_s"] = time.perf_counter() - t1
         vectors, vec_path = write_vectors(ctx, timings)
         timings["total_s"] = time.perf_counter() - t_start
-        summary = run_summary(ctx, rasters, vectors, timings)
+        summary = run_summary(ctx, rasters, vectors, timings) | {"run_key": manifest_key(ctx.journal.manifest)}
         commit_outputs(ctx.journal, ctx.finals, summary, vec_path)
     return summary
 
