@@ -160,8 +160,9 @@ def worker_errors() -> Iterator[None]:
         match = _WORKER_PREFIX.match(text)
         if match is None:
             raise
-        last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "")
-        original = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith(match[1]) else last
+        # the traceback ends "module.ExcName: message" (a CdmapError has it on one line already)
+        marker = f"{match[1]}: "
+        original = text[text.rfind(marker) + len(marker):].strip() if text.count(marker) else match[1]
         if isinstance(exc, CdmapError):
             new = type(exc).__new__(type(exc))
             Exception.__init__(new, original)

@@ -355,12 +355,13 @@ def _commands(w, tmp: Path) -> dict[str, tuple[list, list[Path], tuple[str, ...]
     """command -> (argv, output paths that must not exist afterwards, fault points to interrupt at)."""
     run, tiles, vec, csv = tmp / "run", tmp / "tiles", tmp / "v.gpkg", tmp / "e.csv"
     return {
-        "predict": (_predict_args(w, tmp / "out"), [tmp / "out" / n for n in PREDICT_FINALS], ("start", "load", "strip")),
+        "predict": (_predict_args(w, tmp / "out"), [tmp / "out" / n for n in PREDICT_FINALS],
+                    ("start", "load", "strip")),
         "vectorize": (["vectorize", w["ref"] / "change_mask.tif", "-o", vec, "--window-size", "16", "-q"], [vec],
                       ("start", "window")),
         "tiles": (["tiles", w["before"], w["after"], w["labels"], "-o", tiles, "--tile-size", "32", "-q"],
                   [tiles / "train", tiles / "tiles.json"], ("start", "tile")),
-        "train": (["train", w["data"], "-o", run, "--epochs", "1", "--workers", "0", "--batch-size", "1",
+        "train": (["train", w["data"], "-o", run, "--epochs", "1", "--workers", "0", "--batch-size", "2",
                    "--crop-size", "32", "--no-imagenet", "-q"], [run / n for n in TRAIN_FINALS], ("start", "batch")),
         "evaluate": (["evaluate", w["data"], "--model", w["ckpt"], "--split", "train", "--csv", csv, "-q"], [csv],
                      ("start", "batch")),
@@ -400,7 +401,7 @@ def _wait_for(path_glob, root: Path, timeout=120) -> None:
 def test_ctrl_c_stops_a_background_train_with_130_and_keeps_last_pt(tmp_path, world):
     """Started from a non-interactive shell with ``&``, a command inherits SIGINT ignored; cdmap still stops."""
     run = tmp_path / "run"
-    proc = _popen(["train", world["data"], "-o", run, "--epochs", "200", "--workers", "0", "--batch-size", "1",
+    proc = _popen(["train", world["data"], "-o", run, "--epochs", "200", "--workers", "0", "--batch-size", "2",
                    "--crop-size", "32", "--no-imagenet", "-q"], ignore_sigint=True)
     _wait_for("last.pt", run)
     proc.send_signal(signal.SIGINT)

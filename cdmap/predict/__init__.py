@@ -34,12 +34,12 @@ from cdmap.predict.outputs import (
     PredictResult,
     check_free_space,
     commit_outputs,
+    finished_run,
+    manifest_key,
     output_errors,
     output_paths,
     prepare_outdir,
-    manifest_key,
     run_summary,
-    finished_run,
     summary_paragraph,
 )
 from cdmap.predict.plan import PredictPlan, default_overlap, make_plan
@@ -67,8 +67,6 @@ def predict_scene(
     :class:`PredictOptions` or :class:`RunOptions`. Raises :class:`cdmap.errors.CdmapError` subclasses on bad
     input; nothing is ever left under a final output name unless the whole run succeeded.
     """
-    from cdmap.raster.pair import open_pair
-
     opts, run = split_overrides(options, run, overrides)
     opts.check()
     run.check()
