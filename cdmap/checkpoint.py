@@ -148,8 +148,9 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
         digest = file_sha256(tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write checkpoint: {exc.strerror or exc}", path) from exc
+    finally:
+        tmp.unlink(missing_ok=True)  # written and renamed, or failed / interrupted: never left behind
     ckpt._set_file(path, digest)
     return path
 
@@ -203,9 +204,10 @@ def _from_payload(payload: Any, path: Path) -> Checkpoint:
             f"written by a newer cdmap (format {version}, this cdmap reads up to {FORMAT_VERSION}); upgrade cdmap",
             path,
         )
+    _check_field_types(payload, path)
     try:
         norm = payload["normalization"]
-        return Checkpoint(
+        ckpt = Checkpoint(
             model_config=ModelConfig.from_dict(payload["model_config"]),
             state_dict=payload["state_dict"],
             mean=[float(m) for m in norm["mean"]],
@@ -218,6 +220,69 @@ def _from_payload(payload: Any, path: Path) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"cdmap checkpoint is missing or has a bad field ({exc})", path) from exc
+    _check_weights(ckpt, path)
+    return ckpt
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {"model_config": (dict,), "state_dict": (dict,), "normalization": (dict,),
+                                             "tile_size": (int,), "threshold": (float, int)}
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {"backbone": (str,), "in_channels": (int,), "num_classes": (int,),
+                                              "dropblock_size": (int,), "dropblock_prob": (float, int),
+                                              "attention": (str,)}
+
+
+def _check_field_types(payload: dict[str, Any], path: Path) -> None:
+    """Every field of the right type and in range (a bool is not a number here; no NaN threshold or std)."""
+    import math
+
+    def bad(name: str, value: Any, types: tuple[type, ...]) -> bool:
+        return isinstance(value, bool) or not isinstance(value, types)
+
+    for name, types in _FIELD_TYPES.items():
+        if name in payload and bad(name, payload[name], types):
+            raise CheckpointError(f"field {name!r} has the wrong type ({type(payload[name]).__name__})", path)
+    for name, types in _CONFIG_TYPES.items():
+        value = payload.get("model_config", {}).get(name)
+        if value is not None and bad(name, value, types):
+            raise CheckpointError(f"model_config field {name!r} has the wrong type ({type(value).__name__})", path)
+    norm = payload.get("normalization", {})
+    for key in ("mean", "std"):
+        values = norm.get(key)
+        if not isinstance(values, list) or any(bad(key, v, (float, int)) or not math.isfinite(v) for v in values):
+            raise CheckpointError(f"normalization {key!r} must be a list of finite numbers", path)
+    thr, tile = payload.get("threshold"), payload.get("tile_size")
+    if isinstance(thr, (int, float)) and not 0.0 <= thr <= 1.0:
+        raise CheckpointError(f"threshold {thr} is not between 0 and 1", path)
+    if isinstance(tile, int) and tile < 1:
+        raise CheckpointError(f"tile_size {tile} is not a positive number of pixels", path)
+
+
+def _check_weights(ckpt: Checkpoint, path: Path) -> None:
+    """The state dict matches the network its config describes (names, shapes) and holds finite numbers only.
+
+    The network is built on torch's ``meta`` device: shapes without allocating or initialising any weight.
+    """
+    import torch
+
+    from cdmap.models import FSGNet
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in FSGNet(ckpt.model_config).state_dict().items()}
+    sd = ckpt.state_dict
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise CheckpointError(f"weights do not match the {ckpt.model_config.backbone} network of its config "
+                              f"({len(missing)} missing, {len(extra)} unexpected tensors; {what})", path)
+    for name, shape in expected.items():
+        t = sd[name]
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"weight {name!r} is not a tensor ({type(t).__name__})", path)
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"weight {name!r} has shape {tuple(t.shape)}, the network needs {shape}", path)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"weight {name!r} holds non-finite values (NaN or infinity)", path)
 
 
 def tensor_sha256(state_dict: dict[str, Any]) -> str:

@@ -210,12 +210,42 @@ def find_pairs(folder: str | Path) -> list[PairFiles]:
     return pairs
 
 
+# suffix -> (signature at the start, end marker near the end)
+_END_MARKERS = {".png": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"), ".jpg": (b"\xff\xd8", b"\xff\xd9"),
+                ".jpeg": (b"\xff\xd8", b"\xff\xd9")}
+
+
+def incomplete_image(path: Path) -> str | None:
+    """Why a PNG or JPEG file cannot be decoded completely (truncated: no end marker), or None.
+
+    GDAL's PNG and JPEG drivers return the decoded part of a truncated file and fill the rest silently, so a cut
+    download would otherwise be trained on as real pixels.
+    """
+    markers = _END_MARKERS.get(path.suffix.lower())
+    if markers is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(markers[0]))
+            f.seek(max(0, path.stat().st_size - 64))
+            tail = f.read()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if head == markers[0] and markers[1] not in tail:  # not a PNG/JPEG at all: GDAL says why when opening it
+        return f"truncated {path.suffix.lower().lstrip('.').upper()} (no end marker): cannot be decoded completely"
+    return None
+
+
 def _check_one(pair: PairFiles, ignore_index: int | None,
                expected_bands: int | None) -> tuple[PairFiles | None, list[str]]:
     shapes = {}
     problems: list[str] = []
     for key in ("a", "b", "label"):
         path = getattr(pair, key)
+        why = incomplete_image(path)
+        if why:
+            problems.append(f"{path.parent.name}/{path.name}: {why}")
+            continue
         try:
             with _open(path) as src:
                 shapes[key] = (len(data_bands(src, expected_bands)[0]), src.height, src.width)

@@ -91,12 +91,16 @@ class RankError(CdmapError):
 
 
 class Interrupted(CdmapError):
-    """The run was stopped by a signal; partial work is kept for ``--resume``."""
+    """The run was stopped by a signal (SIGINT: exit 130, SIGTERM: 143); ``hint`` says what was kept."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, hint: str | None = None) -> None:
         import signal
 
         name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name}; partial work kept, rerun with --resume to continue")
+        super().__init__(f"interrupted by {name}" + (f"; {hint}" if hint else ""))
         self.signum = signum
         self.exit_code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+
+    def with_hint(self, hint: str) -> Interrupted:
+        """The same interruption with ``hint`` (what was kept, how to continue) in its message."""
+        return Interrupted(self.signum, hint)

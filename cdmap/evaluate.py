@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cdmap import process
 from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
+from cdmap.files import replaced_atomically
 from cdmap.metrics import ConfusionCounts
 from cdmap.vector.labels import VECTOR_SUFFIXES, rasterize_polygons, read_polygons
 
@@ -75,7 +77,7 @@ def write_per_image_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> 
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
+        with replaced_atomically(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=PER_IMAGE_FIELDS, extrasaction="ignore")
             w.writeheader()
             for r in rows:
@@ -119,17 +121,48 @@ def evaluate_tiles(
     if pairs[0].bands != ckpt.in_channels:
         raise IncompatibleInputsError(
             f"images have {pairs[0].bands} bands but the model expects {ckpt.in_channels}", Path(data_dir))
+    _check_outputs(pairs, checkpoint, csv_path, error_maps_dir)
     predictor = Predictor.from_checkpoint(ckpt, device, precision)
     maps_dir = _make_dir(error_maps_dir)
     ds = EvalTiles(pairs, ckpt.mean, ckpt.std, ignore_index)
     loader = DataLoader(ds, batch_sampler=size_grouped_batches(pairs, max(1, batch_size)), num_workers=workers,
                         pin_memory=predictor.device.type == "cuda")
     total = ConfusionCounts()
-    rows: list[dict[str, Any]] = []
     bar = _progress(len(loader), "evaluate", progress)
+    with process.worker_errors():
+        rows = _score_batches(loader, predictor, thr, pairs, total, maps_dir, bar)
+    if bar is not None:
+        bar.close()
+    rows.sort(key=lambda r: r["name"])
+    if csv_path is not None:
+        write_per_image_csv(csv_path, rows)
+    src = str(Path(data_dir) / split) if (Path(data_dir) / split).is_dir() else str(data_dir)
+    return EvalResult(counts=total, threshold=thr, source=src, n_images=len(rows), per_image=rows)
+
+
+def _check_outputs(pairs: list[Any], checkpoint: Any, csv_path: Any, maps_dir: Any) -> None:
+    """No output (CSV, error maps) may be one of the tiles or the checkpoint (:mod:`cdmap.files`)."""
+    from cdmap.files import check_outputs_spare_inputs
+
+    inputs = [f for p in pairs for f in (p.a, p.b, p.label)]
+    inputs += [] if getattr(checkpoint, "state_dict", None) is not None else [checkpoint]
+    outputs = [csv_path] if csv_path is not None else []
+    outputs += [Path(maps_dir) / f"{p.name}.png" for p in pairs] if maps_dir is not None else []
+    check_outputs_spare_inputs(inputs, outputs)
+
+
+def _score_batches(loader: Any, predictor: Any, thr: float, pairs: list[Any], total: ConfusionCounts,
+                   maps_dir: Path | None, bar: Any) -> list[dict[str, Any]]:
+    """Counts of every tile added to ``total``; the per-image rows."""
+    from cdmap.inference import check_finite_output
+
+    rows: list[dict[str, Any]] = []
     for a, b, label, idx in loader:
+        process.fault_point("batch")
         label = label.to(predictor.device, non_blocking=True)
-        pred = predictor.probability(a, b) >= thr
+        prob = predictor.probability(a, b)
+        check_finite_output(prob.detach().cpu().numpy(), predictor.source)
+        pred = prob >= thr
         for j, c in enumerate(_tile_counts(pred, label)):
             total.add(c)
             name = pairs[int(idx[j])].name
@@ -138,13 +171,7 @@ def evaluate_tiles(
                 _write_error_map(maps_dir / f"{name}.png", pred[j].cpu().numpy(), label[j].cpu().numpy())
         if bar is not None:
             bar.update(1)
-    if bar is not None:
-        bar.close()
-    rows.sort(key=lambda r: r["name"])
-    if csv_path is not None:
-        write_per_image_csv(csv_path, rows)
-    src = str(Path(data_dir) / split) if (Path(data_dir) / split).is_dir() else str(data_dir)
-    return EvalResult(counts=total, threshold=thr, source=src, n_images=len(rows), per_image=rows)
+    return rows
 
 
 def _make_dir(path: str | os.PathLike | None) -> Path | None:

@@ -42,15 +42,28 @@ class Normalisation:
 class PendingProbability:
     """P(change) of a launched batch; on CUDA the copy to host runs asynchronously until :meth:`numpy`."""
 
-    def __init__(self, prob: torch.Tensor, event: Any = None) -> None:
+    def __init__(self, prob: torch.Tensor, event: Any = None, source: Any = None) -> None:
         self._prob = prob
         self._event = event
+        self._source = source
 
     def numpy(self) -> np.ndarray:
-        """``(N, H, W)`` float32 on the host (waits for the device)."""
+        """``(N, H, W)`` float32 on the host (waits for the device); a non-finite value is refused."""
         if self._event is not None:
             self._event.synchronize()
-        return self._prob.numpy()
+        out = self._prob.numpy()
+        check_finite_output(out, self._source)
+        return out
+
+
+def check_finite_output(prob: np.ndarray, source: Any) -> None:
+    """Raise :class:`CheckpointError` (exit 5) naming the checkpoint when the network gave NaN or infinity: such
+    a model would otherwise turn every pixel into nodata and report success."""
+    if not np.isfinite(prob).all():
+        from cdmap.errors import CheckpointError
+
+        raise CheckpointError("the model produces non-finite outputs (NaN or infinity) on this input; the "
+                              "checkpoint is unusable", source if source is not None else "model")
 
 
 class Predictor:
@@ -71,6 +84,7 @@ class Predictor:
         self._dtype = autocast_dtype(self.precision)
         self._cuda = self.device.type == "cuda"
         self.model = model
+        self.source: Any = None  # the checkpoint file, named when the network misbehaves
         if self._cuda:
             self.model = model.to(memory_format=torch.channels_last)
 
@@ -80,7 +94,9 @@ class Predictor:
         from cdmap.device import resolve_device
 
         dev = resolve_device(device) if isinstance(device, str) or device is None else device
-        return cls(ckpt.build_model(str(dev)), ckpt.mean, ckpt.std, dev, precision)
+        predictor = cls(ckpt.build_model(str(dev)), ckpt.mean, ckpt.std, dev, precision)
+        predictor.source = ckpt.source
+        return predictor
 
     def prepare(self, a: np.ndarray, b: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Normalise both dates ``(C, H, W)`` and zero the pixels that are not valid in both."""
@@ -123,12 +139,12 @@ class Predictor:
 
         prob = self.probability(a, b)
         if not self._cuda:
-            return PendingProbability(prob)
+            return PendingProbability(prob, source=self.source)
         out = torch.empty(prob.shape, dtype=torch.float32, pin_memory=True)
         out.copy_(prob, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingProbability(out, event)
+        return PendingProbability(out, event, self.source)
 
     def peak_memory_mib(self) -> float | None:
         """Peak device memory allocated so far (CUDA only)."""

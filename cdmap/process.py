@@ -3,7 +3,9 @@
 * :class:`SignalGuard`: SIGINT/SIGTERM become :class:`cdmap.errors.Interrupted` in the main thread;
 * :func:`signals_blocked`: a block in which SIGINT/SIGTERM wait (renaming outputs into place);
 * :class:`Fd2Capture`: file descriptor 2 redirected to a temporary file (C libraries write there directly);
-* :func:`fault_point`: the test hook ``CDMAP_FAULT_INJECT=phase:N[@RANK]`` (SIGKILL at the N-th ``phase`` point).
+* :func:`fault_point`: the test hook ``CDMAP_FAULT_INJECT=phase:N[:SIGNAL][@RANK]`` (SIGKILL, or SIGNAL, at the
+  N-th ``phase`` point, on every rank or only on RANK);
+* :func:`worker_errors`: an error re-raised from a DataLoader worker becomes its original one-line message.
 
 Call :func:`fault_point` through the module (``process.fault_point(...)``) so tests can replace it.
 """
@@ -11,6 +13,7 @@ Call :func:`fault_point` through the module (``process.fault_point(...)``) so te
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -20,7 +23,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import IO
 
-from cdmap.errors import Interrupted
+from cdmap.errors import CdmapError, Interrupted
 
 FAULT_ENV = "CDMAP_FAULT_INJECT"
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -31,17 +34,24 @@ def _in_main_thread() -> bool:
 
 
 class SignalGuard:
-    """Turns SIGINT/SIGTERM into :class:`Interrupted` in the main thread while the block runs."""
+    """Turns SIGINT/SIGTERM into :class:`Interrupted` in the main thread while the block runs.
+
+    The handlers are installed even where the signal was ignored (a command started in the background of a
+    non-interactive shell inherits SIGINT ignored). A forked child (a DataLoader worker) that receives the signal
+    raises KeyboardInterrupt, which torch's worker loop ends quietly on: the parent reports the interruption.
+    """
 
     def __enter__(self) -> SignalGuard:
         self._old: dict[int, object] = {}
+        self._pid = os.getpid()
         if _in_main_thread():
             for sig in _SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
-    @staticmethod
-    def _handle(signum: int, frame: FrameType | None) -> None:  # noqa: ARG004
+    def _handle(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002
+        if os.getpid() != self._pid:
+            raise KeyboardInterrupt
         raise Interrupted(signum)
 
     def __exit__(self, *exc: object) -> None:
@@ -111,10 +121,12 @@ _fault_counts: dict[str, int] = {}
 
 
 def fault_point(phase: str) -> None:
-    """Test hook: with ``CDMAP_FAULT_INJECT=phase:N`` the process SIGKILLs itself at the N-th ``phase`` point.
+    """Test hook: with ``CDMAP_FAULT_INJECT=phase:N`` the process SIGKILLs itself at the N-th ``phase`` point;
+    ``phase:N:SIGINT`` (or ``SIGTERM``) sends that signal instead, once.
 
-    Predict's phases: read, strip, assemble, vectorize, commit (used by the resume tests). ``phase:N@R`` fires
-    only in the process whose ``RANK`` is R.
+    Phases: ``start`` (every command, before it runs), ``load`` (a checkpoint was read); predict's read, strip,
+    assemble, vectorize, commit; ``window`` (vectorize), ``tile`` (tiles), ``batch`` (train and evaluate).
+    ``...@R`` fires only in the process whose ``RANK`` is R.
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -122,10 +134,43 @@ def fault_point(phase: str) -> None:
     spec, _, rank = spec.partition("@")  # phase:N@R: only on rank R of a torchrun job
     if rank and rank != os.environ.get("RANK", "0"):
         return
-    want, _, n = spec.partition(":")
+    want, _, rest = spec.partition(":")
     if want != phase:
         return
+    n, _, sig_name = rest.partition(":")
     with _fault_lock:
         _fault_counts[phase] = _fault_counts.get(phase, 0) + 1
-        if _fault_counts[phase] >= int(n or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if _fault_counts[phase] == int(n or 1) or (not sig_name and _fault_counts[phase] > int(n or 1)):
+            os.kill(os.getpid(), getattr(signal, sig_name) if sig_name else signal.SIGKILL)
+
+
+def reset_fault_counts() -> None:
+    """Forget the points counted so far (in-process tests run several commands in one process)."""
+    with _fault_lock:
+        _fault_counts.clear()
+
+
+_WORKER_PREFIX = re.compile(r"^Caught (\w+) in DataLoader worker process \d+\.")
+
+
+@contextmanager
+def worker_errors() -> Iterator[None]:
+    """Iterate a DataLoader inside this block: torch re-raises a worker's exception with the worker's whole
+    traceback as its message; this keeps only the original message (the traceback's last line)."""
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        match = _WORKER_PREFIX.match(text)
+        if match is None:
+            raise
+        # the traceback ends "module.ExcName: message" (a CdmapError has it on one line already)
+        marker = f"{match[1]}: "
+        original = text[text.rfind(marker) + len(marker):].strip() if text.count(marker) else match[1]
+        if isinstance(exc, CdmapError):
+            new = type(exc).__new__(type(exc))
+            Exception.__init__(new, original)
+            new.exit_code = exc.exit_code
+            new.path = None
+            raise new from None
+        raise RuntimeError(f"{match[1]} in a data loader worker: {original}") from None

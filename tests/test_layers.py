@@ -18,7 +18,8 @@ PKG = Path(__file__).resolve().parents[1] / "cdmap"
 # Within a layer, imports between different entries are allowed as long as they form no cycle.
 LAYERS: list[tuple[str, ...]] = [
     ("cdmap._version", "cdmap.errors"),
-    ("cdmap.process", "cdmap.progress", "cdmap.device", "cdmap.distributed", "cdmap.metrics", "cdmap.synthetic"),
+    ("cdmap.process", "cdmap.files", "cdmap.progress", "cdmap.device", "cdmap.distributed", "cdmap.metrics",
+     "cdmap.synthetic"),
     ("cdmap.raster", "cdmap.tiling", "cdmap.models"),
     ("cdmap.checkpoint",),
     ("cdmap.inference",),

@@ -74,15 +74,18 @@ def main(argv: list[str] | None = None) -> None:
     logs.install(verbose=_state["verbose"])
     _register_commands()
     command = typer.main.get_command(app)
+    from cdmap import process
+
     try:
-        command.main(args=args, prog_name="cdmap", standalone_mode=False)
+        with process.SignalGuard():  # the one signal path of every command: SIGINT 130, SIGTERM 143
+            process.fault_point("start")
+            command.main(args=args, prog_name="cdmap", standalone_mode=False)
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:
-        fail("interrupted", errors.EXIT_SIGINT)
+        fail("interrupted by SIGINT", errors.EXIT_SIGINT)
     except ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
+        fail(_click_message(exc), exc.exit_code)
     except errors.CdmapError as exc:
         if _state["verbose"]:
             import traceback
@@ -97,6 +100,15 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
         fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose for a traceback)", 1)
+
+
+def _click_message(exc: Exception) -> str:
+    """A click usage error on one line, with the command's help hint (click's usage block left out)."""
+    text = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None and getattr(ctx, "command_path", None):
+        text += f" (try '{ctx.command_path} --help')"
+    return text
 
 
 _registered = False

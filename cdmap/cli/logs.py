@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 LOGGER = "cdmap"
 
@@ -43,7 +44,14 @@ def install(verbose: bool = False) -> logging.Handler:
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    warnings.showwarning = _warning_to_log
     return handler
+
+
+def _warning_to_log(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    file: object = None, line: str | None = None) -> None:
+    """Python warnings (a library's UserWarning) become one ``cdmap: warning:`` line, not two raw lines."""
+    logging.getLogger(LOGGER).warning("%s", " ".join(str(message).split()))
 
 
 def set_quiet() -> None:

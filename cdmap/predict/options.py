@@ -3,6 +3,7 @@ the resume manifest) and :class:`RunOptions` (how the run behaves, free to diffe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -47,10 +48,25 @@ class PredictOptions:
             raise UsageError("--batch-size must be >= 1")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--threshold must be between 0 and 1, not {self.threshold}")
-        if self.min_area < 0 or self.simplify < 0:
-            raise UsageError("--min-area and --simplify must be >= 0")
+        for name, value in (("--min-area", self.min_area), ("--simplify", self.simplify)):
+            if not math.isfinite(value) or value < 0:
+                raise UsageError(f"{name} must be a finite number >= 0, not {value}")
         if self.align not in ("auto", "strict"):
             raise UsageError(f"--align must be auto or strict, not {self.align!r}")
+        self._check_environment()
+
+    def _check_environment(self) -> None:
+        """The checks that need rasterio or torch: resampling name, GDAL creation options, device."""
+        from rasterio.enums import Resampling
+
+        from cdmap.device import resolve_device
+        from cdmap.raster.write import check_creation_options
+
+        if self.resampling not in Resampling.__members__:
+            raise UsageError(f"--resampling {self.resampling!r} is not a GDAL resampling method "
+                             "(nearest, bilinear, cubic, average...)")
+        check_creation_options(self.creation_options)
+        resolve_device(self.device)
 
 
 @dataclass(frozen=True)

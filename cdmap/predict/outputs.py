@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from cdmap import process
 from cdmap._version import __version__
 from cdmap.errors import OutputError
+from cdmap.files import fsync_dir
 from cdmap.vector import FORMATS as VECTOR_DRIVERS
 
 if TYPE_CHECKING:
@@ -71,6 +72,28 @@ def prepare_outdir(outdir: Path, finals: dict[str, Path], overwrite: bool, resum
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"output directory is not writable ({exc.strerror or exc})", outdir) from exc
+
+
+def manifest_key(manifest: dict[str, Any]) -> str:
+    """The identity of a run (its resume manifest), recorded in run.json as ``run_key``."""
+    from cdmap.files import text_digest
+
+    return text_digest(json.dumps(manifest, sort_keys=True, default=str))
+
+
+def finished_run(outdir: Path, finals: dict[str, Path], manifest: dict[str, Any]) -> PredictResult | None:
+    """The result of the run described by ``manifest`` when ``outdir`` already holds it complete (run.json with
+    its ``run_key`` and every output), else None."""
+    try:
+        summary = json.loads(finals["run"].read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("run_key") != manifest_key(manifest):
+        return None
+    if not all(p.exists() for p in finals.values()):
+        return None
+    return PredictResult(outdir, finals["probability"], finals["mask"], finals.get("vectors"), finals["run"],
+                         summary)
 
 
 def check_free_space(outdir: Path, pixels: int, prob_dtype: str) -> None:
@@ -140,11 +163,18 @@ def run_summary(ctx: AssemblyContext, rasters: RasterStats, vectors: Any, timing
 def commit_outputs(journal: Journal, finals: dict[str, Path], summary: dict[str, Any],
                    vectors: Path | None) -> None:
     """Write run.json in the journal's folder, rename every output into place with SIGINT/SIGTERM held, then
-    remove the journal."""
+    remove the journal.
+
+    A replaced run's run.json is removed first and the new one renamed last, so a folder holding a run.json
+    always holds one run's outputs, even after a kill (SIGKILL, power loss) in the middle of the renames.
+    """
     workdir = journal.workdir
     tmp_run = workdir / RUN_NAME
     tmp_run.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     with process.signals_blocked():
+        if finals["run"].exists():
+            finals["run"].unlink()
+            fsync_dir(finals["run"].parent)
         moves = [(workdir / PROB_NAME, finals["probability"]), (workdir / MASK_NAME, finals["mask"])]
         if vectors is not None:
             moves += [(f, finals["vectors"].with_name(f.name)) for f in sorted(vectors.parent.iterdir())]
@@ -152,7 +182,10 @@ def commit_outputs(journal: Journal, finals: dict[str, Path], summary: dict[str,
         for src, dst in moves:
             os.replace(src, dst)
             process.fault_point("commit")
+        fsync_dir(finals["run"].parent)
+        process.fault_point("committed")
         journal.remove()
+
 
 
 def summary_paragraph(r: PredictResult) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 from cdmap._version import __version__
 from cdmap.checkpoint import Checkpoint
 from cdmap.errors import UsageError
+from cdmap.files import content_hash
 from cdmap.predict.options import PredictOptions
 from cdmap.tiling import WindowGrid
 
@@ -70,6 +71,7 @@ class PredictPlan:
             "before": str(Path(before).resolve()),
             "after": str(Path(after).resolve()),
             "inputs_stat": [_stat_key(before), _stat_key(after)],
+            "inputs_content": [content_hash(before), content_hash(after)],
             "checkpoint_sha256": self.checkpoint.sha256,
             "grid": [self.grid.height, self.grid.width, self.tile, self.overlap],
             "cdmap_version": __version__,

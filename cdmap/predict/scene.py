@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from cdmap import process
 from cdmap.checkpoint import Checkpoint, load_checkpoint
 from cdmap.errors import CdmapError, Interrupted, RankError
+from cdmap.files import check_outputs_spare_inputs, with_sidecars
 from cdmap.predict.assemble import AssemblyContext, write_rasters, write_vectors
 from cdmap.predict.compute import ComputeStats, compute_strips, gdal_cache_bytes, journal_blend, merge_reports
 from cdmap.predict.journal import WORKDIR_NAME, Journal, open_journal
@@ -20,6 +22,8 @@ from cdmap.predict.outputs import (
     PredictResult,
     check_free_space,
     commit_outputs,
+    finished_run,
+    manifest_key,
     output_errors,
     output_paths,
     peak_rss_mib,
@@ -60,9 +64,14 @@ def predict_scene(
     opts, run = split_overrides(options, run, overrides)
     opts.check()
     run.check()
+    check_outputs_spare_inputs(
+        [*with_sidecars(before), *with_sidecars(after), *([] if isinstance(model, Checkpoint) else [model])],
+        output_paths(Path(outdir), opts.vector_format).values(), [Path(outdir) / WORKDIR_NAME])
     dist = init_distributed(opts.device, backend="gloo", timeout_s=run.rank_timeout)
     try:
         return predict_one(before, after, outdir, model, opts, run, dist)
+    except Interrupted as exc:
+        raise exc.with_hint("partial work kept, rerun with --resume to continue") from None
     finally:
         dist.close()
 
@@ -81,6 +90,7 @@ def predict_one(before: str | os.PathLike, after: str | os.PathLike, outdir: str
     dist = dist or Dist()
     t_start = time.perf_counter()
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(Path(model))
+    process.fault_point("load")
     plan = make_plan(opts, ckpt).for_rank(dist.local_rank, dist.world)
     pair = open_pair(before, after, bands=opts.bands, expected_bands=ckpt.in_channels, align=opts.align,
                      resampling=opts.resampling, allow_no_crs=opts.allow_no_crs)
@@ -89,12 +99,20 @@ def predict_one(before: str | os.PathLike, after: str | os.PathLike, outdir: str
         outdir = Path(outdir)
         finals = output_paths(outdir, opts.vector_format)
         workdir = outdir / WORKDIR_NAME
+        manifest = plan.manifest(before, after)
+        finished = finished_run(outdir, finals, manifest) if run.resume else None
+        if finished is not None:  # killed after the last rename: the run is complete, only its journal is left
+            dist.barrier("the check for a finished run")
+            if dist.main:
+                log.info("--resume: this run had already finished; its outputs are complete")
+                shutil.rmtree(workdir, ignore_errors=True)
+            return finished
 
         def prepare() -> Journal:
             resuming = run.resume and (workdir / "journal.jsonl").is_file()
             prepare_outdir(outdir, finals, run.overwrite, resuming=resuming)
             check_free_space(outdir, pair.height * pair.width, opts.prob_dtype)
-            return open_journal(workdir, plan.manifest(before, after), run.resume)
+            return open_journal(workdir, manifest, run.resume)
 
         journal = dist.main_first(prepare, "the preparation of the outputs").for_rank(dist.rank)
         timings = {"preflight_s": time.perf_counter() - t_start}
@@ -170,7 +188,7 @@ def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float, rep
         timings["rasters_s"] = time.perf_counter() - t1
         vectors, vec_path = write_vectors(ctx, timings)
         timings["total_s"] = time.perf_counter() - t_start
-        summary = run_summary(ctx, rasters, vectors, timings)
+        summary = run_summary(ctx, rasters, vectors, timings) | {"run_key": manifest_key(ctx.journal.manifest)}
         summary["ranks"] = {"world_size": len(reports), "per_rank": [r.to_dict() for r in reports]}
         commit_outputs(ctx.journal, ctx.finals, summary, vec_path)
     return summary

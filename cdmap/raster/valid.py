@@ -1,8 +1,10 @@
 """The one validity rule: which pixels of a raster window hold data.
 
 GDAL's mask flags decide per band: all valid, a nodata value, a per-dataset mask (an internal mask band
-or an alpha band) or a per-band mask. A pixel is valid where at least one selected band is valid (nodata
-in *every* band means nodata) and no selected band holds a non-finite value. Predict, training, tiling and
+or an alpha band) or a per-band mask. A band's pixel is invalid when ANY source the file declares says so:
+the mask (or alpha) band and, when the band also declares a nodata value, that value too (GDAL itself lets a
+mask band hide the nodata value; cdmap does not). A pixel is valid where at least one selected band is valid
+(nodata in *every* band means nodata) and no selected band holds a non-finite value. Predict, training, tiling and
 vectorising all read through :func:`read_valid`.
 """
 
@@ -97,6 +99,8 @@ def read_valid(dataset: Any, bands: Sequence[int] | None = None, window: Any = N
             band_valid = per_dataset
         else:
             band_valid = dataset.read_masks(band, window=window) > 0
+        if kind in ("per_dataset", "per_band"):  # a mask band AND a nodata value: both count
+            band_valid = band_valid & nodata_valid(data[i], dataset.nodatavals[band - 1])
         valid = band_valid.copy() if valid is None else (valid | band_valid)
     assert valid is not None
     out = data.astype(np.float32, copy=data.dtype != np.float32)

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.shutil
+import rasterio.transform
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
@@ -76,6 +78,34 @@ def merge_creation_options(defaults: dict[str, str], user: dict[str, str] | None
     if "PREDICTOR" not in user_opts and opts.get("COMPRESS", "").upper() not in ("DEFLATE", "LZW", "ZSTD"):
         opts.pop("PREDICTOR", None)
     return opts
+
+
+def check_creation_options(user: dict[str, str] | None) -> None:
+    """Raise :class:`UsageError` naming ``--co`` when GDAL rejects or ignores one of ``user``'s creation options.
+
+    Tried on a small raster in memory (``/vsimem``) with the defaults merged in, so a run is refused before it
+    touches any output.
+    """
+    if not user:
+        return
+    import uuid
+
+    opts = merge_creation_options(default_creation_options(BLOCK_SIZE, BLOCK_SIZE, "uint8"), user)
+    path = f"/vsimem/cdmap-co-check-{uuid.uuid4().hex}.tif"
+    profile = dict(driver="GTiff", width=BLOCK_SIZE, height=BLOCK_SIZE, count=1, dtype="uint8",
+                   transform=rasterio.transform.from_origin(0.0, float(BLOCK_SIZE), 1.0, 1.0))
+    try:
+        with capture_option_warnings() as complaints, rasterio.open(path, "w", **profile, **opts):
+            pass
+    except GDAL_ERRORS as exc:
+        raise UsageError(f"--co: bad creation option: {gdal_message(exc).replace(path, 'GTiff')}") from exc
+    finally:
+        try:
+            rasterio.shutil.delete(path)
+        except GDAL_ERRORS:
+            pass
+    if complaints:
+        raise UsageError(f"--co: bad creation option: {complaints[0]}")
 
 
 def overview_factors(width: int, height: int, block: int = BLOCK_SIZE) -> list[int]:

@@ -91,11 +91,14 @@ def build(data_dir: Path, run_dir: Path, cfg: TrainConfig, rt: TrainRuntime, dis
     from cdmap.inference import Predictor
 
     log = Log(dist.main and not rt.quiet)
+    if ckpt is None:  # refuse first; the run folder is touched only once the data are checked
+        check_run_dir(run_dir, rt.overwrite, mutate=False)
+    device, dtype, channels_last = _device(cfg, rt, dist)
+    splits, cfg, mean, std = _data(data_dir, cfg, rt, ckpt, log)
+    _check_inputs_spared(splits, cfg, run_dir)
     if ckpt is None:
         check_run_dir(run_dir, rt.overwrite, mutate=dist.main)
     dist.barrier()
-    device, dtype, channels_last = _device(cfg, rt, dist)
-    splits, cfg, mean, std = _data(data_dir, cfg, rt, ckpt, log)
     mcfg, model = _model(cfg, ckpt, dist, device, channels_last, log)
     optim = _optim(model, cfg, dtype)
     progress = _restore(optim, ckpt, dist, run_dir, log) if ckpt is not None else Progress()
@@ -131,6 +134,15 @@ def check_run_dir(run_dir: Path, overwrite: bool, mutate: bool) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create run folder: {exc.strerror or exc}", run_dir) from exc
+
+
+def _check_inputs_spared(splits: Any, cfg: TrainConfig, run_dir: Path) -> None:
+    """No run file may be (or replace) a tile or the backbone weights (:mod:`cdmap.files`)."""
+    from cdmap.files import check_outputs_spare_inputs
+
+    inputs = [f for p in (*splits.train, *splits.val) for f in (p.a, p.b, p.label)]
+    inputs += [cfg.backbone_weights] if cfg.backbone_weights else []
+    check_outputs_spare_inputs(inputs, [run_dir / n for n in RUN_FILES])
 
 
 def _device(cfg: TrainConfig, rt: TrainRuntime, dist: Dist) -> tuple[torch.device, torch.dtype | None, bool]:

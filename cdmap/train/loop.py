@@ -39,8 +39,10 @@ from typing import Any
 
 import torch
 
+from cdmap import process
 from cdmap.distributed import init_distributed
-from cdmap.errors import ResumeError, UsageError
+from cdmap.errors import Interrupted, ResumeError, UsageError
+from cdmap.files import replaced_atomically
 from cdmap.train.build import Session, build
 from cdmap.train.config import TrainConfig, TrainResult, TrainRuntime
 from cdmap.train.state import dropblock_schedule, rng_state, set_rng_state, to_cpu
@@ -115,19 +117,27 @@ def _run(data_dir: Path, run_dir: Path, cfg: TrainConfig, rt: TrainRuntime, ckpt
     dist = init_distributed(rt.device)
     try:
         s = build(data_dir, run_dir, cfg, rt, dist, ckpt)
-        if dist.main:
-            (run_dir / "config.json").write_text(json.dumps(
-                {"data_dir": str(data_dir), **s.cfg.to_dict(), "runtime": rt.to_dict()}, indent=2))
         if ckpt is not None:
             rng = ckpt.training_state.get("rng_per_rank") or [ckpt.training_state.get("rng")]
             set_rng_state(rng[min(dist.rank, len(rng) - 1)])
         start = s.progress.start_epoch
         stop_at = s.cfg.epochs if rt.stop_after_epoch is None else min(s.cfg.epochs, rt.stop_after_epoch)
-        for epoch in range(start, stop_at):
-            _epoch(s, epoch)
+        with process.worker_errors():
+            for epoch in range(start, stop_at):
+                _epoch(s, epoch)
         return _result(s, max(start, stop_at))
+    except Interrupted as exc:
+        raise exc.with_hint(_interrupted_hint(run_dir)) from None
     finally:
         dist.close()
+
+
+def _interrupted_hint(run_dir: Path) -> str:
+    """What an interrupted training run kept: ``last.pt`` is only ever replaced whole, after an epoch."""
+    last = run_dir / "last.pt"
+    if not last.exists():
+        return "no epoch had finished, nothing was kept"
+    return f"{last} of the last finished epoch kept; continue with: cdmap train --resume {run_dir}"
 
 
 def _result(s: Session, completed: int) -> TrainResult:
@@ -196,6 +206,7 @@ def _train_epoch(s: Session, epoch: int, t0: float) -> tuple[float, int]:
     bar = _Bar(s, epoch, n_batches, t0)
     optim.optimizer.zero_grad(set_to_none=True)
     for i, (a, b, label) in enumerate(s.train_loader):
+        process.fault_point("batch")
         a = a.to(device, non_blocking=True)
         b = b.to(device, non_blocking=True)
         label = label.to(device, non_blocking=True)
@@ -298,16 +309,18 @@ def _save(s: Session, epoch: int, thr: float, metrics: dict[str, float], rng_all
         "history": s.progress.history,
         "world_size": s.dist.world,
     }
-    save_checkpoint(Checkpoint(s.mcfg, weights, s.mean, s.std, training_state=training_state, **common),
-                    s.run_dir / "last.pt")
-    _write_csv(s.run_dir / "metrics.csv", s.progress.history)
+    with process.signals_blocked():  # the run's files change together, never half of them
+        save_checkpoint(Checkpoint(s.mcfg, weights, s.mean, s.std, training_state=training_state, **common),
+                        s.run_dir / "last.pt")
+        _write_csv(s.run_dir / "metrics.csv", s.progress.history)
+        with replaced_atomically(s.run_dir / "config.json") as tmp:  # with the first last.pt, not before
+            tmp.write_text(json.dumps({"data_dir": str(s.data_dir), **cfg.to_dict(), "runtime": s.rt.to_dict()},
+                                      indent=2))
 
 
 def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with replaced_atomically(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for row in history:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)

@@ -17,10 +17,13 @@ Output: ``DATA/{train,val,test}/{A,B,label}/<stem>_<row>_<col>.<tif|png>`` plus 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
+from cdmap.files import check_outputs_spare_inputs, with_sidecars
 from cdmap.raster.grid import same_grid
 from cdmap.vector.labels import VECTOR_SUFFIXES
 
@@ -112,23 +116,27 @@ def make_tiles(
     for p in (before, after, labels):
         if not p.exists():
             raise InputError("file not found", p)
-    _prepare_out(out_dir, overwrite)
+    check_outputs_spare_inputs([*with_sidecars(before), *with_sidecars(after), *with_sidecars(labels)],
+                               [out_dir / "tiles.json"], [out_dir / s for s in SPLITS])
+    _check_out(out_dir, overwrite)
     src = _open_sources(before, after, labels, fmt)
-    try:
+    try:  # everything is checked before the output folder is touched; tiles are built beside it
         windows, skipped = _valid_windows(src, tile_size, before)
         assignment = _assign(len(windows), fractions, seed)
-        names, used_ignore = _write_tiles(src, windows, assignment, out_dir, before.stem, fmt)
+        with _building(out_dir) as build:
+            names, used_ignore = _write_tiles(src, windows, assignment, build, before.stem, fmt)
+            result = TilesResult(out_dir=out_dir, tile_size=tile_size, counts={s: len(v) for s, v in names.items()},
+                                 skipped_nodata=skipped, names={s: sorted(v) for s, v in names.items()},
+                                 ignore_index=LABEL_IGNORE if used_ignore else None)
+            manifest: dict[str, Any] = {
+                "before": str(before), "after": str(after), "labels": str(labels), "tile_size": tile_size,
+                "split": list(fractions), "seed": seed, "format": fmt, "counts": result.counts,
+                "skipped_nodata": skipped, "ignore_index": result.ignore_index, "tiles": result.names,
+            }
+            (build / "tiles.json").write_text(json.dumps(manifest, indent=2))
+            _swap_in(build, out_dir)
     finally:
         src.close()
-    result = TilesResult(out_dir=out_dir, tile_size=tile_size, counts={s: len(v) for s, v in names.items()},
-                         skipped_nodata=skipped, names={s: sorted(v) for s, v in names.items()},
-                         ignore_index=LABEL_IGNORE if used_ignore else None)
-    manifest: dict[str, Any] = {
-        "before": str(before), "after": str(after), "labels": str(labels), "tile_size": tile_size,
-        "split": list(fractions), "seed": seed, "format": fmt, "counts": result.counts,
-        "skipped_nodata": skipped, "ignore_index": result.ignore_index, "tiles": result.names,
-    }
-    (out_dir / "tiles.json").write_text(json.dumps(manifest, indent=2))
     return result
 
 
@@ -242,7 +250,10 @@ def _write_tiles(src: _Sources, windows: list[Any], assignment: dict[int, str], 
                    "nodata": src.a.nodata, "crs": src.a.crs}
     if fmt == "tif":
         img_profile.update(compress="deflate")
+    from cdmap import process
+
     for i, w in enumerate(windows):
+        process.fault_point("tile")
         split_name = assignment[i]
         name = f"{stem}_{int(w.row_off):05d}_{int(w.col_off):05d}"
         transform = src.a.window_transform(w)
@@ -259,20 +270,47 @@ def _write_tiles(src: _Sources, windows: list[Any], assignment: dict[int, str], 
     return names, used_ignore
 
 
-def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds a tile set (unless ``overwrite``) or cannot be one; touches nothing."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError("exists and is not a folder", out_dir)
     existing = [out_dir / s for s in SPLITS if (out_dir / s).exists()]
-    if existing:
-        if not overwrite:
-            raise OutputError(f"already holds {', '.join(p.name + '/' for p in existing)}; pass --overwrite to "
-                              "replace them", out_dir)
-        for p in existing:
-            shutil.rmtree(p)
+    if existing and not overwrite:
+        raise OutputError(f"already holds {', '.join(p.name + '/' for p in existing)}; pass --overwrite to "
+                          "replace them", out_dir)
+
+
+@contextlib.contextmanager
+def _building(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder inside ``out_dir`` with the empty split folders; removed on any error or signal."""
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=".cdmap-tiles-", dir=out_dir))
         for s in SPLITS:
             for sub in ("A", "B", "label"):
-                (out_dir / s / sub).mkdir(parents=True, exist_ok=True)
+                (build / s / sub).mkdir(parents=True)
     except OSError as exc:
         raise OutputError(f"cannot create folder: {exc.strerror or exc}", out_dir) from exc
+    try:
+        yield build
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _swap_in(build: Path, out_dir: Path) -> None:
+    """Replace the old tile set by the new one, signals held: old tiles.json out first, the new one in last."""
+    from cdmap import process
+
+    with process.signals_blocked():
+        (out_dir / "tiles.json").unlink(missing_ok=True)
+        for s in SPLITS:
+            old = out_dir / s
+            if old.exists():
+                trash = build / f"old-{s}"
+                os.replace(old, trash)  # a rename, so the folder is never half-deleted under its name
+            os.replace(build / s, old)
+            process.fault_point("tiles-swap")
+        os.replace(build / "tiles.json", out_dir / "tiles.json")
 
 
 def _write(path: Path, data: np.ndarray, profile: dict[str, Any]) -> None:

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from cdmap import process
 from cdmap.errors import IncompatibleInputsError, UsageError
+from cdmap.files import check_outputs_spare_inputs, with_sidecars
 from cdmap.vector.measure import MetricFrame, metric_frame, pixel_to_crs
 from cdmap.vector.source import Classifier, Source
-from cdmap.vector.write import Writer, check_target, format_from_path
+from cdmap.vector.write import Writer, check_target, format_from_path, output_files
 
 log = logging.getLogger("cdmap.vector")
 
@@ -369,6 +371,7 @@ def _polygonize(classify: Classifier, window_size: int, output: _Output) -> None
         left: np.ndarray | None = None
         h = row[0][2]
         for _, c0, _, w in row:
+            process.fault_point("window")
             change, pval, pv = classify(Window(c0, r0, w, h))
             if not change.any():
                 left = None
@@ -437,6 +440,8 @@ def vectorize_raster(
     output = Path(output)
     fmt = format_from_path(output, vector_format)
     _check_arguments(raster, output, threshold, min_area, simplify, layer, window_size, overwrite)
+    check_outputs_spare_inputs([*with_sidecars(raster), *(with_sidecars(prob_raster) if prob_raster else [])],
+                               output_files(output, fmt))
     src = Source(raster, "change mask or probability raster")
     probs: Source | None = None
     try:
@@ -499,12 +504,6 @@ def _check_arguments(
         raise UsageError(f"threshold must be a finite number, got {threshold}")
     if not layer:
         raise UsageError("layer name must not be empty")
-    try:
-        same = output.exists() and raster.exists() and output.resolve() == raster.resolve()
-    except OSError:
-        same = False
-    if same:
-        raise UsageError("output would overwrite the input raster", path=output)
     check_target(output, overwrite)
 
 

@@ -62,6 +62,13 @@ def format_from_path(output: str | Path, vector_format: str | None = None) -> st
     )
 
 
+def output_files(output: Path, fmt: str) -> list[Path]:
+    """Every file writing ``output`` in ``fmt`` may create or replace (a Shapefile's companions included)."""
+    if fmt != "shp":
+        return [output]
+    return [output.with_name(output.stem + ext) for ext in _SHP_COMPANIONS]
+
+
 def check_target(output: Path, overwrite: bool) -> None:
     """An OutputError unless ``output`` can be (re)placed: not a directory, absent or ``overwrite``, parent exists."""
     if output.is_dir():
