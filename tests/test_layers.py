@@ -19,7 +19,7 @@ PKG = Path(__file__).resolve().parents[1] / "cdmap"
 LAYERS: list[tuple[str, ...]] = [
     ("cdmap._version", "cdmap.errors"),
     ("cdmap.process", "cdmap.progress", "cdmap.device", "cdmap.metrics", "cdmap.synthetic"),
-    ("cdmap.raster", "cdmap.tiling", "cdmap.models"),
+    ("cdmap.raster", "cdmap.tiling", "cdmap.models", "cdmap.labels"),
     ("cdmap.checkpoint",),
     ("cdmap.inference",),
     ("cdmap.data", "cdmap.vector"),
