@@ -16,6 +16,7 @@ from cdmap.cli.options import (
     Overwrite,
     Precision,
     Quiet,
+    RasterIn,
     Threshold,
     TileSize,
     VectorFormat,
@@ -27,8 +28,9 @@ from cdmap.cli.options import (
 
 @app.command("predict")
 def predict(
-    before: Path = typer.Argument(..., help="The earlier scene (GeoTIFF or any GDAL raster)."),
-    after: Path = typer.Argument(..., help="The later scene; warped onto BEFORE's grid if grids differ."),
+    before: RasterIn = typer.Argument(
+        ..., help="The earlier scene: a GeoTIFF or anything GDAL opens (/vsizip/..., /vsicurl/..., https://...)."),
+    after: RasterIn = typer.Argument(..., help="The later scene; warped onto BEFORE's grid if grids differ."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory."),
     model: Model = ...,
     tile_size: TileSize = None,
