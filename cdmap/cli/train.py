@@ -13,7 +13,6 @@ from cdmap.cli.options import (
     Device,
     LabelsPixelGrid,
     LabelValues,
-    Model,
     OptionalModel,
     Overwrite,
     Precision,
