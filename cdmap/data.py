@@ -70,6 +70,8 @@ class DataSplits:
     train: list[PairFiles]
     val: list[PairFiles]
     bands: int
+    gsd_m: list[float] | None = None
+    """[min, max] pixel size (m) of the georeferenced training images (a sample of them), None without CRS."""
 
 
 # ----- reading ---------------------------------------------------------------------------------------------------
@@ -322,7 +324,29 @@ def discover(
     val = check_pairs(val, where_val, ignore_index, workers, expected_bands, label_values)
     if train[0].bands != val[0].bands:
         raise InputError(f"train images have {train[0].bands} bands but val images have {val[0].bands}", data_dir)
-    return DataSplits(layout, train, val, train[0].bands)
+    return DataSplits(layout, train, val, train[0].bands, gsd_range(train))
+
+
+def gsd_range(pairs: Sequence[PairFiles], sample: int = 32) -> list[float] | None:
+    """[min, max] ground pixel size (m, by the one area rule) over up to ``sample`` georeferenced A images."""
+    import rasterio
+
+    from cdmap.vector.measure import pixel_area_m2_rows
+
+    sizes = []
+    step = max(1, len(pairs) // sample)
+    with no_georef_warning():
+        for p in list(pairs)[::step][:sample]:
+            try:
+                with rasterio.open(p.a) as src:
+                    if src.crs is None:
+                        continue
+                    area = pixel_area_m2_rows(src.crs, src.transform, src.height // 2, src.height // 2 + 1,
+                                              src.width, height=src.height)[0]
+            except rasterio.errors.RasterioError:
+                continue
+            sizes.append(float(np.sqrt(area)))
+    return [min(sizes), max(sizes)] if sizes else None
 
 
 def resolve_split(data_dir: str | Path, split: str | None = None) -> tuple[Path, str]:

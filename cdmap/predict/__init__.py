@@ -62,6 +62,8 @@ def predict_scene(
     :class:`PredictOptions` or :class:`RunOptions`. Raises :class:`cdmap.errors.CdmapError` subclasses on bad
     input; nothing is ever left under a final output name unless the whole run succeeded.
     """
+    from cdmap.predict.fit import input_warnings
+    from cdmap.raster.identity import input_identity
     from cdmap.raster.pair import open_pair
 
     opts, run = split_overrides(options, run, overrides)
@@ -78,8 +80,10 @@ def predict_scene(
         finals = output_paths(outdir, opts.vector_format)
         workdir = outdir / WORKDIR_NAME
         prepare_outdir(outdir, finals, run.overwrite, resuming=run.resume and (workdir / "journal.jsonl").is_file())
+        identities = (input_identity(before), input_identity(after))
+        warnings = input_warnings(pair, ckpt, identities)
         timings = {"preflight_s": time.perf_counter() - t_start}
-        manifest = plan.manifest(before, after)
+        manifest = plan.manifest(before, after, identities)
         check_free_space(outdir, pair.height * pair.width, opts.prob_dtype)
         journal = open_journal(workdir, manifest, run.resume)
         t0 = time.perf_counter()
@@ -89,7 +93,7 @@ def predict_scene(
             compute = compute_strips(pair, plan, journal, run)
             timings["compute_s"] = time.perf_counter() - t0
             ctx = AssemblyContext(before, after, pair, plan, run, journal, finals, compute)
-            summary = _finish(ctx, timings, t_start)
+            summary = _finish(ctx, timings, t_start, warnings)
     finally:
         pair.close()
     result = PredictResult(outdir, finals["probability"], finals["mask"], finals.get("vectors"), finals["run"],
@@ -98,8 +102,12 @@ def predict_scene(
     return result
 
 
-def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float) -> dict[str, Any]:
-    """Rasters, polygons, run.json, then everything renamed into place; returns the summary."""
+def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float, warnings: list[str]
+            ) -> dict[str, Any]:
+    """Rasters, polygons, run.json (with ``warnings`` and the changed-share check), then everything renamed into
+    place; returns the summary."""
+    from cdmap.predict.fit import changed_share_warning
+
     with output_errors(ctx.journal.workdir.parent):
         t1 = time.perf_counter()
         rasters = write_rasters(ctx)
@@ -107,6 +115,10 @@ def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float) -> 
         vectors, vec_path = write_vectors(ctx, timings)
         timings["total_s"] = time.perf_counter() - t_start
         summary = run_summary(ctx, rasters, vectors, timings)
+        share = changed_share_warning(summary["changed_pixels"], summary["valid_pixels"])
+        if share:
+            log.warning("%s", share)
+        summary["warnings"] = [*warnings, *([share] if share else [])]
         commit_outputs(ctx.journal, ctx.finals, summary, vec_path)
     return summary
 
