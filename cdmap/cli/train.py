@@ -7,21 +7,9 @@ from pathlib import Path
 
 import typer
 
+from cdmap.cli import options
 from cdmap.cli.app import app
-from cdmap.cli.options import (
-    BatchSize,
-    Device,
-    LabelsPixelGrid,
-    LabelValues,
-    OptionalModel,
-    Overwrite,
-    Precision,
-    Quiet,
-    RasterIn,
-    Threshold,
-    TileSize,
-    Workers,
-)
+from cdmap.cli.options import BatchSize, Device, Overwrite, Precision, Quiet, Threshold, TileSize, Workers
 from cdmap.models.config import BACKBONES, DEFAULT_BACKBONE, backbone_names
 
 
@@ -70,7 +58,7 @@ def train_cmd(
     val_fraction: float | None = typer.Option(
         None, "--val-fraction", help="Hold out this fraction of the pairs for validation (flat layout: default 0.1)."),
     ignore_index: int | None = typer.Option(None, "--ignore-index", help="Label value meaning 'unlabelled'."),
-    label_values: LabelValues = None,
+    label_values: options.LabelValues = None,
     mean: str | None = typer.Option(None, "--mean", help="Per-band means, e.g. 110,112,98 (default: measured)."),
     std: str | None = typer.Option(None, "--std", help="Per-band standard deviations (default: measured on train)."),
     val_batch_size: int | None = typer.Option(None, "--val-batch-size", help="Val tiles per batch (default: 4)."),
@@ -129,17 +117,17 @@ def train_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     data: Path | None = typer.Argument(None, help="Tile folder (LEVIR layout or flat A/B/label)."),
-    model: OptionalModel = None,
+    model: options.OptionalModel = None,
     split: str | None = typer.Option(
         None, "--split", help="Sub-folder of DATA to evaluate (default: test; a flat DATA is scored whole, with a "
         "warning, and refuses --split)."),
-    scene: tuple[RasterIn, RasterIn, RasterIn] | None = typer.Option(
+    scene: tuple[options.RasterIn, options.RasterIn, options.RasterIn] | None = typer.Option(
         None, "--scene", help="BEFORE AFTER LABELS: evaluate a whole scene through the predict pipeline "
         "(LABELS: raster on the output grid, or polygons)."),
-    mask: RasterIn | None = typer.Option(
+    mask: options.RasterIn | None = typer.Option(
         None, "--mask", help="--scene: score this existing change mask (1 change, 0 none) instead of predicting."),
-    label_values: LabelValues = None,
-    labels_pixel_grid: LabelsPixelGrid = False,
+    label_values: options.LabelValues = None,
+    labels_pixel_grid: options.LabelsPixelGrid = False,
     threshold: Threshold = None,
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Write per-image metrics to this CSV."),
@@ -198,17 +186,17 @@ def evaluate_cmd(
 
 @app.command("tiles")
 def tiles_cmd(
-    before: RasterIn = typer.Argument(..., help="The earlier scene (georeferenced raster, any GDAL path)."),
-    after: RasterIn = typer.Argument(..., help="The later scene, on BEFORE's grid."),
-    labels: RasterIn = typer.Argument(
+    before: options.RasterIn = typer.Argument(..., help="The earlier scene (georeferenced raster, any GDAL path)."),
+    after: options.RasterIn = typer.Argument(..., help="The later scene, on BEFORE's grid."),
+    labels: options.RasterIn = typer.Argument(
         ..., help="Change labels: raster on BEFORE's grid, or polygons (gpkg/geojson/shp)."),
     output: Path = typer.Option(..., "-o", "--output", help="DATA folder to write {train,val,test}/{A,B,label}/."),
     tile_size: int = typer.Option(256, "--tile-size", help="Tile size in pixels (edge tiles are smaller)."),
     split: str = typer.Option("0.7,0.15,0.15", "--split", help="Train,val,test fractions of the tiles."),
     seed: int = typer.Option(0, "--seed", help="Seed of the tile shuffle that assigns splits."),
     fmt: str = typer.Option("tif", "--format", help="tif (GeoTIFF, keeps georeferencing) or png."),
-    label_values: LabelValues = None,
-    labels_pixel_grid: LabelsPixelGrid = False,
+    label_values: options.LabelValues = None,
+    labels_pixel_grid: options.LabelsPixelGrid = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:

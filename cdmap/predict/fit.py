@@ -36,14 +36,20 @@ def sample_band_stats(pair: Any) -> dict[str, tuple[np.ndarray, np.ndarray] | No
     rows = sorted(set(np.linspace(0, pair.height - h, SAMPLE_WINDOWS).round().astype(int).tolist()))
     cols = sorted(set(np.linspace(0, pair.width - w, SAMPLE_WINDOWS).round().astype(int).tolist()))
     samples: dict[str, list[np.ndarray]] = {"before": [], "after": []}
+    from cdmap.errors import InputError
+    from cdmap.raster.gdal_errors import GDAL_ERRORS
+
     for r in rows:
         for c in cols:
-            before, after, valid = pair.read(Window(c, r, w, h))
+            try:
+                before, after, valid = pair.read(Window(c, r, w, h))
+            except (InputError, *GDAL_ERRORS):  # a corrupt block: compute names the window when it gets there
+                continue
             samples["before"].append(before[:, valid])
             samples["after"].append(after[:, valid])
     out: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
     for date, parts in samples.items():
-        values = np.concatenate(parts, axis=1).astype(np.float64)
+        values = np.concatenate(parts, axis=1).astype(np.float64) if parts else np.zeros((pair.count, 0))
         out[date] = (values.mean(axis=1), values.std(axis=1)) if values.shape[1] else None
     return out
 
