@@ -18,12 +18,11 @@ band of a 4-band Byte GeoTIFF as alpha by default, and RGB+NIR is more likely th
 project's one rule, :func:`cdmap.raster.valid.read_valid` (nodata value, internal mask band, alpha band, per-band
 masks, non-finite values), so a tile pixel is invalid exactly where predict would treat it as nodata.
 
-Labels: band 1 is read (a 3-channel label uses channel 0); any non-zero value is change. A label is
-*unexpected* if it holds non-integer values, negative values, or more than one distinct non-zero value (the
-ignore index excluded): labels must be 0 plus one change value (1, 255, ...). This catches JPEG-compressed
-masks and 1/2-coded labels such as OSCD's (1 = no change, 2 = change), which would otherwise train silently on
-wrong targets. ``ignore_index`` marks pixels that count in no loss or metric; pixels where either image is
-invalid are ignored as well.
+Labels: band 1 is read (a 3-channel label uses channel 0) and decoded by the project's one label rule,
+:mod:`cdmap.labels`: 0/1 or 0/255, or the two values of ``label_values`` (``--label-values 1,2`` for OSCD's
+1 = no change, 2 = change); anything else is refused, per file, and a data set whose labels hold nothing but 1
+is refused as ambiguous. ``ignore_index`` marks pixels that count in no loss or metric; pixels where either
+image is invalid are ignored as well.
 
 Internally a label is uint8: 0 no change, 1 change, :data:`IGNORE_INDEX` (255) ignored.
 """
@@ -42,13 +41,12 @@ import numpy as np
 
 from cdmap.errors import InputError, UsageError
 from cdmap.inference import Normalisation
+from cdmap.labels import IGNORE_INDEX, distinct_values, label_problem, read_labels
 from cdmap.raster.valid import data_bands, mask_kinds, read_valid
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 SUBDIRS = ("A", "B", "label")
 MAX_LISTED = 5
-IGNORE_INDEX = 255
-"""The label value of pixels that count in no loss or metric (internal encoding: 0 no change, 1 change)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +70,8 @@ class DataSplits:
     train: list[PairFiles]
     val: list[PairFiles]
     bands: int
+    gsd_m: list[float] | None = None
+    """[min, max] pixel size (m) of the georeferenced training images (a sample of them), None without CRS."""
 
 
 # ----- reading ---------------------------------------------------------------------------------------------------
@@ -114,8 +114,9 @@ def read_image(path: Path, window: Any = None, bands: int | None = None) -> tupl
     return data, ~valid
 
 
-def read_label(path: Path, window: Any = None, ignore_index: int | None = None) -> np.ndarray:
-    """Read band 1 of a label (window) as internal uint8: 0, 1 (any non-zero) or IGNORE_INDEX."""
+def read_label(path: Path, window: Any = None, ignore_index: int | None = None,
+               label_values: tuple[int, int] | None = None) -> np.ndarray:
+    """Read band 1 of a label (window) as internal uint8: 0, 1 or IGNORE_INDEX (:func:`cdmap.labels.read_labels`)."""
     import rasterio
 
     try:
@@ -123,44 +124,19 @@ def read_label(path: Path, window: Any = None, ignore_index: int | None = None) 
             raw = src.read(1, window=window)
     except rasterio.errors.RasterioError as exc:
         raise InputError(f"cannot read label: {exc}", path) from exc
-    out = (raw != 0).astype(np.uint8)
-    if ignore_index is not None:
-        out[raw == ignore_index] = IGNORE_INDEX
-    if np.issubdtype(raw.dtype, np.floating):
-        out[np.isnan(raw)] = IGNORE_INDEX
-    return out
+    return read_labels(raw, path, label_values, ignore_index)
 
 
 def read_sample(pair: PairFiles, window: Any, norm: Normalisation,
-                ignore_index: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                ignore_index: int | None,
+                label_values: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Both dates of ``pair`` (window) normalised, and the label with IGNORE_INDEX where either date is invalid."""
     with no_georef_warning():
         a, bad_a = read_image(pair.a, window, pair.bands)
         b, bad_b = read_image(pair.b, window, pair.bands)
-        label = read_label(pair.label, window, ignore_index)
+        label = read_label(pair.label, window, ignore_index, label_values)
     label[bad_a | bad_b] = IGNORE_INDEX
     return norm.apply(a, ~bad_a), norm.apply(b, ~bad_b), label
-
-
-def label_problem(raw: np.ndarray, ignore_index: int | None) -> str | None:
-    """Why a label's values are unexpected (see module doc), or None when they are fine."""
-    if np.issubdtype(raw.dtype, np.floating):
-        if np.isnan(raw).any():
-            return "label holds NaN values"
-        if not np.all(raw == np.round(raw)):
-            return "label holds non-integer values"
-    if raw.dtype == np.uint8:
-        values = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
-    else:
-        values = np.unique(raw)
-    if ignore_index is not None:
-        values = values[values != ignore_index]
-    positive = values[values > 0]
-    if (values < 0).any() or positive.size > 1:
-        shown = ", ".join(str(v) for v in values[:8].tolist()) + (", ..." if values.size > 8 else "")
-        hint = f" plus the ignore index {ignore_index}" if ignore_index is not None else ""
-        return f"label has unexpected values {{{shown}}} (expected 0 and one change value such as 1 or 255{hint})"
-    return None
 
 
 # ----- discovery and validation -------------------------------------------------------------------------------
@@ -236,9 +212,10 @@ def incomplete_image(path: Path) -> str | None:
     return None
 
 
-def _check_one(pair: PairFiles, ignore_index: int | None,
-               expected_bands: int | None) -> tuple[PairFiles | None, list[str]]:
+def _check_one(pair: PairFiles, ignore_index: int | None, expected_bands: int | None,
+               label_values: tuple[int, int] | None = None) -> tuple[PairFiles | None, list[str], set[float]]:
     shapes = {}
+    values: set[float] = set()
     problems: list[str] = []
     for key in ("a", "b", "label"):
         path = getattr(pair, key)
@@ -254,33 +231,42 @@ def _check_one(pair: PairFiles, ignore_index: int | None,
         except Exception as exc:  # noqa: BLE001 - any failure to open or decode is "unreadable"
             problems.append(f"{path.parent.name}/{path.name}: unreadable ({' '.join(str(exc).split())[:120]})")
     if problems:
-        return None, problems
+        return None, problems, values
     (ca, ha, wa), (cb, hb, wb), (_, hl, wl) = shapes["a"], shapes["b"], shapes["label"]
     if (ha, wa) != (hb, wb) or (ha, wa) != (hl, wl):
         problems.append(f"{pair.name}: sizes differ (A {wa}x{ha}, B {wb}x{hb}, label {wl}x{hl}; width x height)")
     if ca != cb:
         problems.append(f"{pair.name}: band counts differ (A {ca}, B {cb})")
-    why = label_problem(raw, ignore_index)
+    if np.issubdtype(raw.dtype, np.floating) and not np.all(np.isnan(raw) | (raw == np.round(raw))):
+        why: str | None = "label holds non-integer values"
+    else:
+        values = distinct_values(raw, ignore_index)
+        why = label_problem(values, label_values)
     if why:
         problems.append(f"{pair.label.parent.name}/{pair.label.name}: {why}")
     if problems:
-        return None, problems
-    return PairFiles(pair.name, pair.a, pair.b, pair.label, ha, wa, ca), []
+        return None, problems, values
+    return PairFiles(pair.name, pair.a, pair.b, pair.label, ha, wa, ca), [], values
 
 
 def check_pairs(
     pairs: Sequence[PairFiles], where: Path, ignore_index: int | None = None, workers: int = 1,
-    expected_bands: int | None = None,
+    expected_bands: int | None = None, label_values: tuple[int, int] | None = None,
 ) -> list[PairFiles]:
     """Open every file, check sizes, data band counts and label values; one :class:`InputError` lists problems.
 
     ``expected_bands``: the band count of the model, if known (decides whether an alpha band is data).
+    ``label_values``: (no change, change) label values (default: 0/1 or 0/255, see :mod:`cdmap.labels`); labels
+    that hold nothing but 1 are ambiguous without it.
     """
     with no_georef_warning(), ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(lambda p: _check_one(p, ignore_index, expected_bands), pairs))
-    problems = [msg for _, probs in results for msg in probs]
+        results = list(pool.map(lambda p: _check_one(p, ignore_index, expected_bands, label_values), pairs))
+    problems = [msg for _, probs, _ in results for msg in probs]
     _raise_problems("problem(s) in the data", problems, where)
-    checked = [p for p, _ in results if p is not None]
+    if label_values is None and set().union(*(v for _, _, v in results)) == {1}:
+        raise InputError("every label pixel is 1: all change in 0/1 coding, all no change in 1/2 coding; pass "
+                         "--label-values 0,1 or --label-values 1,2", where)
+    checked = [p for p, _, _ in results if p is not None]
     bands = [p.bands for p in checked]
     if bands and len(set(bands)) > 1:
         common = max(set(bands), key=bands.count)
@@ -327,6 +313,7 @@ def discover(
     ignore_index: int | None = None,
     workers: int = 1,
     expected_bands: int | None = None,
+    label_values: tuple[int, int] | None = None,
 ) -> DataSplits:
     """Find, validate and split the training and validation pairs of ``data_dir`` (``expected_bands``: see
     :func:`check_pairs`)."""
@@ -363,28 +350,65 @@ def discover(
         raise InputError("the train split is empty (no A/B/label triplets)", where_train)
     if not val:
         raise InputError("the val split is empty (no A/B/label triplets)", where_val)
-    train = check_pairs(train, where_train, ignore_index, workers, expected_bands)
-    val = check_pairs(val, where_val, ignore_index, workers, expected_bands)
+    train = check_pairs(train, where_train, ignore_index, workers, expected_bands, label_values)
+    val = check_pairs(val, where_val, ignore_index, workers, expected_bands, label_values)
     if train[0].bands != val[0].bands:
         raise InputError(f"train images have {train[0].bands} bands but val images have {val[0].bands}", data_dir)
-    return DataSplits(layout, train, val, train[0].bands)
+    return DataSplits(layout, train, val, train[0].bands, gsd_range(train))
 
 
-def load_split(data_dir: str | Path, split: str = "test", ignore_index: int | None = None,
-               workers: int = 1, expected_bands: int | None = None) -> list[PairFiles]:
-    """The validated pairs of one split; a flat ``DATA/{A,B,label}`` (or a split folder itself) is used whole."""
+def gsd_range(pairs: Sequence[PairFiles], sample: int = 32) -> list[float] | None:
+    """[min, max] ground pixel size (m, by the one area rule) over up to ``sample`` georeferenced A images."""
+    import rasterio
+
+    from cdmap.vector.measure import pixel_area_m2_rows
+
+    sizes = []
+    step = max(1, len(pairs) // sample)
+    with no_georef_warning():
+        for p in list(pairs)[::step][:sample]:
+            try:
+                with rasterio.open(p.a) as src:
+                    if src.crs is None:
+                        continue
+                    area = pixel_area_m2_rows(src.crs, src.transform, src.height // 2, src.height // 2 + 1,
+                                              src.width, height=src.height)[0]
+            except rasterio.errors.RasterioError:
+                continue
+            sizes.append(float(np.sqrt(area)))
+    return [min(sizes), max(sizes)] if sizes else None
+
+
+def resolve_split(data_dir: str | Path, split: str | None = None) -> tuple[Path, str]:
+    """The folder of ``split`` in ``data_dir`` and the name of what is scored, recorded in evaluation outputs.
+
+    Split layout: ``split`` (default ``test``). A flat folder is used whole: its name when it is itself a split
+    folder (``DATA/test``), else ``"all (flat folder)"``; an explicit ``split`` on a flat folder that is not that
+    split is refused rather than ignored.
+    """
     data_dir = Path(data_dir)
-    layout = layout_of(data_dir)
-    if layout == "split":
+    if layout_of(data_dir) == "split":
+        split = split or "test"
         folder = _split_dir(data_dir, split)
         if folder is None:
             raise InputError(f"no {split} split (expected {split}/A, {split}/B, {split}/label)", data_dir)
-    else:
-        folder = data_dir
+        return folder, split
+    name = data_dir.resolve().name
+    if split is not None and split != name:
+        raise UsageError(f"--split {split}: {data_dir} has no split folders (it holds A/, B/, label/ directly); "
+                         f"omit --split to score all of its pairs")
+    return data_dir, name if name in ("train", "val", "test") else "all (flat folder)"
+
+
+def load_split(data_dir: str | Path, split: str | None = None, ignore_index: int | None = None,
+               workers: int = 1, expected_bands: int | None = None,
+               label_values: tuple[int, int] | None = None) -> list[PairFiles]:
+    """The validated pairs of one split (see :func:`resolve_split`)."""
+    folder, name = resolve_split(data_dir, split)
     pairs = find_pairs(folder)
     if not pairs:
-        raise InputError(f"the {split} split is empty (no A/B/label triplets)", folder)
-    return check_pairs(pairs, folder, ignore_index, workers, expected_bands)
+        raise InputError(f"the {name} split is empty (no A/B/label triplets)", folder)
+    return check_pairs(pairs, folder, ignore_index, workers, expected_bands, label_values)
 
 
 # ----- whole tiles for evaluation -----------------------------------------------------------------------------
@@ -392,10 +416,11 @@ class EvalTiles:
     """Whole tiles at native resolution, normalised; returns ``(a, b, label, index)`` (a map-style dataset)."""
 
     def __init__(self, pairs: Sequence[PairFiles], mean: Sequence[float], std: Sequence[float],
-                 ignore_index: int | None = None) -> None:
+                 ignore_index: int | None = None, label_values: tuple[int, int] | None = None) -> None:
         self.pairs = list(pairs)
         self.norm = Normalisation.of(mean, std)
         self.ignore_index = ignore_index
+        self.label_values = label_values
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -403,7 +428,7 @@ class EvalTiles:
     def __getitem__(self, index: int) -> tuple[Any, Any, Any, int]:
         import torch
 
-        a, b, label = read_sample(self.pairs[index], None, self.norm, self.ignore_index)
+        a, b, label = read_sample(self.pairs[index], None, self.norm, self.ignore_index, self.label_values)
         return torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(label), index
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sys
 import warnings
@@ -22,11 +23,15 @@ import numpy as np
 from cdmap import process
 from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
 from cdmap.files import replaced_atomically
+from cdmap.labels import IGNORE_INDEX
 from cdmap.metrics import ConfusionCounts
+from cdmap.raster.identity import is_local
 from cdmap.vector.labels import VECTOR_SUFFIXES, rasterize_polygons, read_polygons
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("cdmap.evaluate")
 
 PER_IMAGE_FIELDS = ("name", "tp", "fp", "fn", "tn", "precision", "recall", "f1", "iou", "oa", "kappa")
 ERROR_COLOURS = {
@@ -40,7 +45,7 @@ class EvalResult:
     """Metrics of one evaluation. ``per_image`` holds one dict per tile (``PER_IMAGE_FIELDS``)."""
 
     counts: ConfusionCounts
-    threshold: float
+    threshold: float | None  # None: an existing mask was scored
     source: str
     n_images: int = 0
     per_image: list[dict[str, Any]] = field(default_factory=list)
@@ -92,7 +97,7 @@ def evaluate_tiles(
     data_dir: str | os.PathLike,
     checkpoint: Any,
     *,
-    split: str = "test",
+    split: str | None = None,
     threshold: float | None = None,
     device: str = "auto",
     precision: str = "auto",
@@ -102,29 +107,37 @@ def evaluate_tiles(
     csv_path: str | os.PathLike | None = None,
     error_maps_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    label_values: tuple[int, int] | None = None,
 ) -> EvalResult:
     """Evaluate ``checkpoint`` (path or :class:`~cdmap.checkpoint.Checkpoint`) on ``data_dir/split``.
 
-    ``data_dir`` is a LEVIR-layout folder (``split`` picks the sub-folder) or a flat ``{A,B,label}`` folder
-    (used whole). Tiles are run whole at native resolution, ``batch_size`` same-size tiles at a time. Writes a
-    per-image CSV to ``csv_path`` and colour error maps (TP white, TN black, FP red, FN green, ignored grey) as
-    ``<name>.png`` into ``error_maps_dir`` when given.
+    ``data_dir`` is a LEVIR-layout folder (``split`` picks the sub-folder, default ``test``) or a flat
+    ``{A,B,label}`` folder, used whole with a warning (it may hold the training pairs) and refused with a
+    ``split`` it is not (:func:`cdmap.data.resolve_split`); the result records the split (``extra["split"]``).
+    ``label_values``: see :mod:`cdmap.labels`. Tiles are run whole at native resolution, ``batch_size``
+    same-size tiles at a time. Writes a per-image CSV to ``csv_path`` and colour error maps (TP white, TN
+    black, FP red, FN green, ignored grey) as ``<name>.png`` into ``error_maps_dir`` when given.
     """
     from torch.utils.data import DataLoader
 
-    from cdmap.data import EvalTiles, load_split, size_grouped_batches
+    from cdmap.data import EvalTiles, load_split, resolve_split, size_grouped_batches
     from cdmap.inference import Predictor
 
     ckpt = _load_ckpt(checkpoint)
     thr = _check_threshold(threshold, ckpt.threshold)
-    pairs = load_split(data_dir, split, ignore_index, workers=max(1, workers), expected_bands=ckpt.in_channels)
+    folder, split_name = resolve_split(data_dir, split)
+    pairs = load_split(data_dir, split, ignore_index, workers=max(1, workers), expected_bands=ckpt.in_channels,
+                       label_values=label_values)
+    if split_name == "all (flat folder)":
+        log.warning("%s has no train/val/test folders: scoring all %d pairs; if the model was trained on this "
+                    "folder these include its training pairs (the scores are then optimistic)", data_dir, len(pairs))
     if pairs[0].bands != ckpt.in_channels:
         raise IncompatibleInputsError(
             f"images have {pairs[0].bands} bands but the model expects {ckpt.in_channels}", Path(data_dir))
     _check_outputs(pairs, checkpoint, csv_path, error_maps_dir)
     predictor = Predictor.from_checkpoint(ckpt, device, precision)
     maps_dir = _make_dir(error_maps_dir)
-    ds = EvalTiles(pairs, ckpt.mean, ckpt.std, ignore_index)
+    ds = EvalTiles(pairs, ckpt.mean, ckpt.std, ignore_index, label_values)
     loader = DataLoader(ds, batch_sampler=size_grouped_batches(pairs, max(1, batch_size)), num_workers=workers,
                         pin_memory=predictor.device.type == "cuda")
     total = ConfusionCounts()
@@ -136,8 +149,8 @@ def evaluate_tiles(
     rows.sort(key=lambda r: r["name"])
     if csv_path is not None:
         write_per_image_csv(csv_path, rows)
-    src = str(Path(data_dir) / split) if (Path(data_dir) / split).is_dir() else str(data_dir)
-    return EvalResult(counts=total, threshold=thr, source=src, n_images=len(rows), per_image=rows)
+    return EvalResult(counts=total, threshold=thr, source=str(folder), n_images=len(rows), per_image=rows,
+                      extra={"split": split_name})
 
 
 def _check_outputs(pairs: list[Any], checkpoint: Any, csv_path: Any, maps_dir: Any) -> None:
@@ -220,13 +233,18 @@ def evaluate_scene(
     outdir: str | os.PathLike | None = None,
     ignore_index: int | None = None,
     error_map: str | os.PathLike | None = None,
+    mask: str | os.PathLike | None = None,
+    label_values: tuple[int, int] | None = None,
+    labels_pixel_grid: bool = False,
     **predict_options: Any,
 ) -> EvalResult:
     """Predict a whole scene pair with :func:`cdmap.predict.predict_scene` and score it against ``labels``.
 
-    ``labels`` is a raster on the output grid (band 1, non-zero = change; its nodata and ``ignore_index``
-    excluded) or a polygon file rasterised onto the output grid. Pixels where the prediction is nodata (either date
-    nodata) are excluded. The prediction is the predicted mask at ``threshold`` (default: the checkpoint's).
+    ``labels`` is a raster on the output grid (band 1, decoded by :mod:`cdmap.labels` with ``label_values``; its
+    nodata and ``ignore_index`` excluded; without georeferencing only with ``labels_pixel_grid``) or a polygon
+    file rasterised onto the output grid. Pixels where the prediction is nodata (either date nodata) are
+    excluded. The prediction is the predicted mask at ``threshold`` (default: the checkpoint's); ``mask``
+    scores an existing change mask instead of predicting (``checkpoint`` may then be None).
     ``predict_options`` go to ``predict_scene`` (``tile_size``, ``overlap``, ``device``, ``batch_size``...).
     ``outdir`` keeps the prediction; otherwise a temporary folder is used and removed. ``error_map`` writes a
     colour PNG (TP white, TN black, FP red, FN green, excluded grey).
@@ -236,6 +254,15 @@ def evaluate_scene(
 
     from cdmap.predict import predict_scene
 
+    label_opts: dict[str, Any] = {"ignore_index": ignore_index, "label_values": label_values,
+                                  "pixel_grid": labels_pixel_grid}
+    check_labels(labels, **label_opts)
+    extra: dict[str, Any] = {"labels": str(labels)}
+    if mask is not None:
+        counts = score_mask(mask, labels, error_map=error_map, **label_opts)
+        extra["mask"] = str(mask)
+        return EvalResult(counts=counts, threshold=None if threshold is None else float(threshold),
+                          source=f"{before} -> {after}", n_images=1, extra=extra)
     ckpt = _load_ckpt(checkpoint)
     thr = _check_threshold(threshold, ckpt.threshold)
     tmp = None
@@ -245,16 +272,58 @@ def evaluate_scene(
     opts: dict[str, Any] = {"vector_format": "none", "quiet": True}
     opts.update(predict_options)
     opts["threshold"] = thr
+    hide = _HideText(tmp) if tmp is not None else None  # predict's summary names a folder removed below
+    if hide is not None:
+        logging.getLogger("cdmap").addFilter(hide)
     try:
         result = predict_scene(before, after, outdir, ckpt, **opts)
-        counts = score_mask(result.mask, labels, ignore_index=ignore_index, error_map=error_map)
+        counts = score_mask(result.mask, labels, error_map=error_map, **label_opts)
     finally:
+        if hide is not None:
+            logging.getLogger("cdmap").removeFilter(hide)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    extra = {"labels": str(labels)}
     if tmp is None:
         extra["prediction"] = str(outdir)
     return EvalResult(counts=counts, threshold=thr, source=f"{before} -> {after}", n_images=1, extra=extra)
+
+
+class _HideText(logging.Filter):
+    """Drops log records whose message mentions ``text`` (a temporary folder the user never sees)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def check_labels(labels: str | os.PathLike, *, ignore_index: int | None = None,
+                 label_values: tuple[int, int] | None = None, pixel_grid: bool = False) -> None:
+    """Refuse a label raster whose values :mod:`cdmap.labels` cannot decode (polygon files pass), before any
+    compute; reads band 1 in row strips."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from cdmap.labels import distinct_values, label_problem
+
+    labels = os.fspath(labels)
+    if is_local(labels) and not Path(labels).exists():
+        raise InputError("label file not found", labels)
+    if Path(labels).suffix.lower() in VECTOR_SUFFIXES:
+        return
+    values: set[float] = set()
+    try:
+        with rasterio.open(labels) as lab:
+            for row in range(0, lab.height, ROW_STRIP):
+                raw = lab.read(1, window=Window(0, row, lab.width, min(ROW_STRIP, lab.height - row)))
+                values |= distinct_values(raw, ignore_index, lab.nodata)
+    except rasterio.errors.RasterioError as exc:
+        raise InputError(f"cannot read label raster: {exc}", labels) from exc
+    why = label_problem(values, label_values)
+    if why:
+        raise InputError(why, labels)
 
 
 def score_mask(
@@ -263,30 +332,34 @@ def score_mask(
     *,
     ignore_index: int | None = None,
     error_map: str | os.PathLike | None = None,
+    label_values: tuple[int, int] | None = None,
+    pixel_grid: bool = False,
 ) -> ConfusionCounts:
     """Confusion counts of a predicted mask raster (1 change, 0 none, 255/nodata excluded) against ``labels``.
 
-    ``labels``: a raster on the mask's grid or a polygon file (rasterised onto it). Read in row strips.
+    ``labels``: a raster on the mask's grid (decoded as :func:`check_labels` checks it; without georeferencing
+    only with ``pixel_grid``) or a polygon file (rasterised onto it). Read in row strips.
     """
     import rasterio
     from rasterio.windows import Window
 
-    from cdmap.raster.grid import same_grid
+    from cdmap.labels import check_label_grid, decode_labels
 
-    mask, labels = Path(mask), Path(labels)
-    if not labels.exists():
-        raise InputError("label file not found", labels)
-    is_vector = labels.suffix.lower() in VECTOR_SUFFIXES
+    mask, labels = os.fspath(mask), os.fspath(labels)
+    check_labels(labels, ignore_index=ignore_index, label_values=label_values, pixel_grid=pixel_grid)
+    is_vector = Path(labels).suffix.lower() in VECTOR_SUFFIXES
     total = ConfusionCounts()
-    with rasterio.open(mask) as src:
+    try:
+        src = rasterio.open(mask)
+    except rasterio.errors.RasterioError as exc:
+        raise InputError(f"cannot open change mask: {exc}", mask) from exc
+    with src:
         height, width = src.height, src.width
         gdf = read_polygons(labels, src.crs) if is_vector else None
         lab = None if is_vector else rasterio.open(labels)
         try:
-            if lab is not None and not same_grid(lab, src, allow_missing_crs=True):
-                raise IncompatibleInputsError(
-                    f"label raster ({lab.width}x{lab.height}) is not on the prediction grid ({width}x{height})",
-                    labels)
+            if lab is not None:
+                check_label_grid(lab, src, labels, pixel_grid)
             em = np.zeros((3, height, width), dtype=np.uint8) if error_map is not None else None
             for row in range(0, height, ROW_STRIP):
                 win = Window(0, row, width, min(ROW_STRIP, height - row))
@@ -299,11 +372,9 @@ def score_mask(
                     truth = rasterize_polygons(gdf, src.window_transform(win), pred.shape) != 0
                 else:
                     raw = lab.read(1, window=win, masked=True)
-                    valid &= ~np.ma.getmaskarray(raw)
-                    raw = np.ma.getdata(raw)
-                    if ignore_index is not None:
-                        valid &= raw != ignore_index
-                    truth = raw != 0
+                    decoded = decode_labels(np.ma.getdata(raw), label_values, ignore_index, lab.nodata)
+                    valid &= ~np.ma.getmaskarray(raw) & (decoded != IGNORE_INDEX)
+                    truth = decoded == 1
                 total.add(ConfusionCounts.from_arrays(pred, truth, valid))
                 if em is not None:
                     lab8 = np.where(valid, truth.astype(np.uint8), 255).astype(np.uint8)

@@ -172,7 +172,7 @@ def test_score_mask_excludes_nodata_and_ignore(tmp_path, make_geotiff):
     rgb = _read(tmp_path / "e.png")
     assert tuple(rgb[:, 0, 0]) == ERROR_COLOURS["tp"] and tuple(rgb[:, 0, 3]) == ERROR_COLOURS["ignored"]
     other = make_geotiff(tmp_path / "lab2.tif", np.zeros((3, 4), np.uint8))
-    with pytest.raises(IncompatibleInputsError, match="not on the prediction grid"):
+    with pytest.raises(IncompatibleInputsError, match="is not on the grid of"):
         score_mask(m, other)
 
 

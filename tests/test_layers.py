@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cdmap._version", "cdmap.errors"),
     ("cdmap.process", "cdmap.files", "cdmap.progress", "cdmap.device", "cdmap.distributed", "cdmap.metrics",
      "cdmap.synthetic"),
-    ("cdmap.raster", "cdmap.tiling", "cdmap.models"),
+    ("cdmap.raster", "cdmap.tiling", "cdmap.models", "cdmap.labels"),
     ("cdmap.checkpoint",),
     ("cdmap.inference",),
     ("cdmap.data", "cdmap.vector"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cdmap.data import PairFiles, discover, load_split, read_image, read_label, size_grouped_batches
-from cdmap.errors import InputError
+from cdmap.errors import InputError, UsageError
 from cdmap.train import augment as aug
 from cdmap.train.data import EpochSampler, TrainTiles, compute_stats, sample_seed
 from cdmap.train.losses import IGNORE_INDEX, CEDiceLoss, cross_entropy_loss, dice_loss
@@ -170,6 +170,7 @@ def test_band_count_mismatch(tmp_path):
         ((0, 1, 255), None, False),
         ((0, 255, 7), 7, True),  # ignore index excluded
         ((0, 254, 255), None, False),  # JPEG-like noise
+        ((0, 7), None, False),  # neither 0/1 nor 0/255
     ],
 )
 def test_label_values(tmp_path, values, ignore, ok):
@@ -181,7 +182,7 @@ def test_label_values(tmp_path, values, ignore, ok):
     if ok:
         discover(root, ignore_index=ignore)
     else:
-        with pytest.raises(InputError, match=r"label/v0.png: label has unexpected values"):
+        with pytest.raises(InputError, match=r"label/v0.png: label has values"):
             discover(root, ignore_index=ignore)
 
 
@@ -211,9 +212,40 @@ def test_empty_split_and_not_a_data_folder(tmp_path):
 def test_load_split_flat_and_named(tmp_path):
     root = make_split_set(tmp_path)
     assert [p.name for p in load_split(root, "val")] == ["v0", "v1"]
-    assert [p.name for p in load_split(root / "train", "test")] == ["t0", "t1", "t2"]  # flat folder used whole
+    assert [p.name for p in load_split(root / "train")] == ["t0", "t1", "t2"]  # flat folder used whole
+    assert [p.name for p in load_split(root / "train", "train")] == ["t0", "t1", "t2"]  # it is that split
+    with pytest.raises(UsageError, match="--split test: .* has no split folders"):
+        load_split(root / "train", "test")  # not silently ignored
     with pytest.raises(InputError, match="no test split"):
         load_split(root, "test")
+
+
+def test_oscd_coded_labels_need_label_values(tmp_path):
+    """1 = no change / 2 = change: refused with a line naming --label-values, read right with it."""
+    root = make_split_set(tmp_path)
+    for split, names in (("train", ("t0", "t1", "t2")), ("val", ("v0", "v1"))):
+        for i, n in enumerate(names):
+            lab = np.ones((32, 32), np.uint8)  # tiles holding only 1 (no change) and tiles holding 1 and 2
+            if i == 0:
+                lab[:8] = 2
+            write(root / split / "label" / f"{n}.png", lab)
+    with pytest.raises(InputError, match=r"pass --label-values 1,2") as err:
+        discover(root)
+    assert "\n" not in str(err.value)
+    s = discover(root, label_values=(1, 2))
+    lab = read_label(s.train[0].label, label_values=(1, 2))
+    assert lab[:8].min() == 1 and lab[8:].max() == 0
+    with pytest.raises(InputError, match="outside --label-values 0,2"):
+        discover(root, label_values=(0, 2))
+
+
+def test_parse_label_values():
+    from cdmap.labels import parse_label_values
+
+    assert parse_label_values("1,2") == (1, 2) and parse_label_values(None) is None
+    for bad in ("1", "1,1", "a,b", "1,2,3"):
+        with pytest.raises(UsageError):
+            parse_label_values(bad)
 
 
 # ----- reading labels and images -------------------------------------------------------------------------------
@@ -629,11 +661,13 @@ def test_tiles_skip_nodata_and_errors(tmp_path, make_pair, make_geotiff):
 def test_real_levir_samples_discover_and_oscd_label_trap(shared_data, tmp_path):
     import rasterio
 
-    from cdmap.data import label_problem
+    from cdmap.labels import distinct_values, label_problem
 
     s = discover(shared_data / "levircd_bitcd_samples", val_fraction=0.2, seed=0)  # flat A/B/label
     assert len(s.train) + len(s.val) == 11 and s.bands == 3
     assert all((p.height, p.width) == (256, 256) for p in s.train)
     with rasterio.open(shared_data / "oscd_sentinel2" / "bercy" / "cm" / "bercy-cm.tif") as src:
         raw = src.read(1)
-    assert "unexpected values {1, 2}" in label_problem(raw, None)  # OSCD: 1 = no change, 2 = change
+    why = label_problem(distinct_values(raw))  # OSCD: 1 = no change, 2 = change
+    assert "values {1, 2}" in why and "--label-values 1,2" in why
+    assert label_problem(distinct_values(raw), (1, 2)) is None

@@ -71,3 +71,11 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows or tiles p
 TileSize = Annotated[int | None, typer.Option(
     "--tile-size", help="Window size in pixels (default: the checkpoint's training tile size).")]
 Model = Annotated[Path, typer.Option("--model", "-m", help="cdmap checkpoint (.pt).")]
+OptionalModel = Annotated[Path | None, typer.Option(
+    "--model", "-m", help="cdmap checkpoint (.pt); not needed with --mask.")]
+LabelValues = Annotated[str | None, typer.Option(
+    "--label-values", help="Label coding NO_CHANGE,CHANGE, e.g. 1,2 for OSCD (default: 0/1 or 0/255).")]
+LabelsPixelGrid = Annotated[bool, typer.Option(
+    "--labels-pixel-grid", help="Accept a label raster without georeferencing whose pixels are BEFORE's (same size).")]
+# raster inputs are str, not Path: Path turns /vsicurl/https://host/x.tif into /vsicurl/https:/host/x.tif
+RasterIn = str

@@ -16,6 +16,7 @@ from cdmap.cli.options import (
     Overwrite,
     Precision,
     Quiet,
+    RasterIn,
     Threshold,
     TileSize,
     VectorFormat,
@@ -27,8 +28,9 @@ from cdmap.cli.options import (
 
 @app.command("predict")
 def predict(
-    before: Path | None = typer.Argument(None, help="The earlier scene (GeoTIFF or any GDAL raster)."),
-    after: Path | None = typer.Argument(None, help="The later scene; warped onto BEFORE's grid if grids differ."),
+    before: RasterIn = typer.Argument(
+        None, help="The earlier scene: a GeoTIFF or anything GDAL opens (/vsizip/..., /vsicurl/..., https://...)."),
+    after: RasterIn = typer.Argument(None, help="The later scene; warped onto BEFORE's grid if grids differ."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (with --pairs: the campaign's root)."),
     pairs: Path | None = typer.Option(
         None, "--pairs", help="CSV of scene pairs (columns before, after, optional name; paths relative to the "

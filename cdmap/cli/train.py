@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
+from cdmap.cli import options
 from cdmap.cli.app import app
-from cdmap.cli.options import BatchSize, Device, Model, Overwrite, Precision, Quiet, Threshold, TileSize, Workers
+from cdmap.cli.options import BatchSize, Device, Overwrite, Precision, Quiet, Threshold, TileSize, Workers
 from cdmap.models.config import BACKBONES, DEFAULT_BACKBONE, backbone_names
 
 
@@ -57,6 +58,7 @@ def train_cmd(
     val_fraction: float | None = typer.Option(
         None, "--val-fraction", help="Hold out this fraction of the pairs for validation (flat layout: default 0.1)."),
     ignore_index: int | None = typer.Option(None, "--ignore-index", help="Label value meaning 'unlabelled'."),
+    label_values: options.LabelValues = None,
     mean: str | None = typer.Option(None, "--mean", help="Per-band means, e.g. 110,112,98 (default: measured)."),
     std: str | None = typer.Option(None, "--std", help="Per-band standard deviations (default: measured on train)."),
     val_batch_size: int | None = typer.Option(None, "--val-batch-size", help="Val tiles per batch (default: 4)."),
@@ -72,6 +74,7 @@ def train_cmd(
     # Long only because typer declares the options in the signature; the body maps them to TrainConfig
     # (the recipe) and TrainRuntime, then calls cdmap.train.train or cdmap.train.resume.
     from cdmap.errors import UsageError
+    from cdmap.labels import parse_label_values
     from cdmap.train import TrainConfig, TrainRuntime, train
     from cdmap.train import resume as resume_run
 
@@ -80,7 +83,8 @@ def train_cmd(
         "batch_size": batch_size, "effective_batch": effective_batch, "crop_size": crop_size, "seed": seed,
         "backbone": backbone, "backbone_weights": str(backbone_weights) if backbone_weights else None,
         "in_channels": in_channels, "precision": precision, "val_fraction": val_fraction,
-        "ignore_index": ignore_index, "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"),
+        "ignore_index": ignore_index, "label_values": parse_label_values(label_values),
+        "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"),
         "select_by": select_by,
     }
     flags = {"augment": not no_augment, "imagenet": not no_imagenet}
@@ -113,11 +117,17 @@ def train_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     data: Path | None = typer.Argument(None, help="Tile folder (LEVIR layout or flat A/B/label)."),
-    model: Model = ...,
-    split: str = typer.Option("test", "--split", help="Sub-folder of DATA to evaluate (flat DATA: all pairs)."),
-    scene: tuple[Path, Path, Path] | None = typer.Option(
+    model: options.OptionalModel = None,
+    split: str | None = typer.Option(
+        None, "--split", help="Sub-folder of DATA to evaluate (default: test; a flat DATA is scored whole, with a "
+        "warning, and refuses --split)."),
+    scene: tuple[options.RasterIn, options.RasterIn, options.RasterIn] | None = typer.Option(
         None, "--scene", help="BEFORE AFTER LABELS: evaluate a whole scene through the predict pipeline "
         "(LABELS: raster on the output grid, or polygons)."),
+    mask: options.RasterIn | None = typer.Option(
+        None, "--mask", help="--scene: score this existing change mask (1 change, 0 none) instead of predicting."),
+    label_values: options.LabelValues = None,
+    labels_pixel_grid: options.LabelsPixelGrid = False,
     threshold: Threshold = None,
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Write per-image metrics to this CSV."),
@@ -136,7 +146,13 @@ def evaluate_cmd(
     """Precision, recall, F1, IoU (change class), OA and kappa of a checkpoint on labelled tiles or a scene."""
     from cdmap.errors import UsageError
     from cdmap.evaluate import evaluate_scene, evaluate_tiles, result_json
+    from cdmap.labels import parse_label_values
 
+    coding = parse_label_values(label_values)
+    if model is None and mask is None:
+        raise UsageError("missing --model CKPT (or --scene ... --mask MASK to score an existing mask)")
+    if mask is not None and scene is None:
+        raise UsageError("--mask needs --scene BEFORE AFTER LABELS")
     if scene is not None and data is not None:
         raise UsageError("give either DATA or --scene BEFORE AFTER LABELS, not both")
     if scene is not None:
@@ -148,41 +164,49 @@ def evaluate_cmd(
             opts["tile_size"] = tile_size
         err = None if error_maps is None else error_maps / "scene_error_map.png"
         result = evaluate_scene(*scene, model, threshold=threshold, outdir=prediction_dir,
-                                ignore_index=ignore_index, error_map=err, **opts)
+                                ignore_index=ignore_index, error_map=err, mask=mask, label_values=coding,
+                                labels_pixel_grid=labels_pixel_grid, **opts)
     else:
         if data is None:
             raise UsageError("missing DATA (or --scene BEFORE AFTER LABELS)")
         result = evaluate_tiles(data, model, split=split, threshold=threshold, device=device,
                                 precision=precision, batch_size=batch_size, workers=workers,
                                 ignore_index=ignore_index, csv_path=csv_file, error_maps_dir=error_maps,
-                                progress=not quiet)
+                                progress=not quiet, label_values=coding)
     if json_out:
         typer.echo(result_json(result))
         return
     m = result.metrics
-    typer.echo(f"{result.source}: {result.n_images} image(s), threshold {result.threshold:.3f}")
+    thr = "of the mask" if result.threshold is None else f"{result.threshold:.3f}"
+    split_used = f", split {result.extra['split']}" if "split" in result.extra else ""
+    typer.echo(f"{result.source}: {result.n_images} image(s){split_used}, threshold {thr}")
     typer.echo(f"  precision {m['precision']:.4f}  recall {m['recall']:.4f}  F1 {m['f1']:.4f}  IoU {m['iou']:.4f}")
     typer.echo(f"  OA {m['oa']:.4f}  kappa {m['kappa']:.4f}  (TP {m['tp']}, FP {m['fp']}, FN {m['fn']}, TN {m['tn']})")
 
 
 @app.command("tiles")
 def tiles_cmd(
-    before: Path = typer.Argument(..., help="The earlier scene (georeferenced raster)."),
-    after: Path = typer.Argument(..., help="The later scene, on BEFORE's grid."),
-    labels: Path = typer.Argument(..., help="Change labels: raster on BEFORE's grid, or polygons (gpkg/geojson/shp)."),
+    before: options.RasterIn = typer.Argument(..., help="The earlier scene (georeferenced raster, any GDAL path)."),
+    after: options.RasterIn = typer.Argument(..., help="The later scene, on BEFORE's grid."),
+    labels: options.RasterIn = typer.Argument(
+        ..., help="Change labels: raster on BEFORE's grid, or polygons (gpkg/geojson/shp)."),
     output: Path = typer.Option(..., "-o", "--output", help="DATA folder to write {train,val,test}/{A,B,label}/."),
     tile_size: int = typer.Option(256, "--tile-size", help="Tile size in pixels (edge tiles are smaller)."),
     split: str = typer.Option("0.7,0.15,0.15", "--split", help="Train,val,test fractions of the tiles."),
     seed: int = typer.Option(0, "--seed", help="Seed of the tile shuffle that assigns splits."),
     fmt: str = typer.Option("tif", "--format", help="tif (GeoTIFF, keeps georeferencing) or png."),
+    label_values: options.LabelValues = None,
+    labels_pixel_grid: options.LabelsPixelGrid = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Cut a scene pair and its labels into LEVIR-layout training tiles with train/val/test splits."""
+    from cdmap.labels import parse_label_values
     from cdmap.train.tiles import make_tiles
 
     result = make_tiles(before, after, labels, output, tile_size=tile_size, split=split, seed=seed, fmt=fmt,
-                        overwrite=overwrite)
+                        overwrite=overwrite, label_values=parse_label_values(label_values),
+                        pixel_grid=labels_pixel_grid)
     if not quiet:
         c = result.counts
         msg = (f"{output}: {c['train']} train, {c['val']} val, {c['test']} test tiles of {tile_size} px "

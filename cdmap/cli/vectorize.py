@@ -7,12 +7,12 @@ from pathlib import Path
 import typer
 
 from cdmap.cli.app import app
-from cdmap.cli.options import Overwrite, Quiet, VectorFormat
+from cdmap.cli.options import Overwrite, Quiet, RasterIn, VectorFormat
 
 
 @app.command("vectorize")
 def vectorize(
-    raster: Path = typer.Argument(
+    raster: RasterIn = typer.Argument(
         ...,
         help="Change mask (uint8: 1 change, 0 none, 255 nodata) or probability raster (uint8 with scale 1/255, "
         "or float 0..1).",
@@ -26,7 +26,7 @@ def vectorize(
         help="Treat RASTER as probabilities: change where value*scale+offset >= THRESHOLD "
         "(default: 0.5 for probability rasters; masks are used as they are).",
     ),
-    prob: Path | None = typer.Option(
+    prob: RasterIn | None = typer.Option(
         None, "--prob", help="Probability raster on the same grid, for the mean_prob/max_prob attributes."
     ),
     min_area: float = typer.Option(0.0, "--min-area", help="Drop polygons smaller than this (m²)."),

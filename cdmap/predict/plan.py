@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from cdmap._version import __version__
 from cdmap.checkpoint import Checkpoint
 from cdmap.errors import UsageError
-from cdmap.files import content_hash
 from cdmap.predict.options import PredictOptions
+from cdmap.raster.identity import display_path, input_identity
 from cdmap.tiling import WindowGrid
 
 DEFAULT_OVERLAP_FRACTION = 0.125  # chosen from benchmarks/seam_overlap.py (see benchmarks/RESULTS.md)
@@ -64,14 +63,21 @@ class PredictPlan:
                              "GPU(s) are visible: use --nproc-per-node <= the number of GPUs, or --device cpu")
         return replace(self, device=torch.device("cuda", local_rank))
 
-    def manifest(self, before: str | os.PathLike, after: str | os.PathLike) -> dict[str, Any]:
-        """What an interrupted run and its resume must share: inputs, checkpoint, grid, version and options."""
+    def manifest(self, before: str | os.PathLike, after: str | os.PathLike,
+                 identities: tuple[dict[str, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """What an interrupted run and its resume must share: inputs, checkpoint, grid, version and options.
+
+        Inputs are identified by :func:`cdmap.raster.identity.input_identity` (any GDAL path, local or not,
+        with a sampled content hash of local files); ``identities`` are those of ``before`` and ``after`` when
+        already known.
+        """
         assert self.grid is not None
+        if identities is None:
+            identities = (input_identity(before), input_identity(after))
         return {
-            "before": str(Path(before).resolve()),
-            "after": str(Path(after).resolve()),
-            "inputs_stat": [_stat_key(before), _stat_key(after)],
-            "inputs_content": [content_hash(before), content_hash(after)],
+            "before": display_path(before),
+            "after": display_path(after),
+            "inputs": list(identities),
             "checkpoint_sha256": self.checkpoint.sha256,
             "grid": [self.grid.height, self.grid.width, self.tile, self.overlap],
             "cdmap_version": __version__,
@@ -99,8 +105,3 @@ def _check_tile_options(tile: int, overlap: int) -> None:
         raise UsageError(f"--overlap {overlap} must be >= 0")
     if overlap >= tile:
         raise UsageError(f"--overlap {overlap} must be smaller than the tile size {tile}")
-
-
-def _stat_key(path: str | os.PathLike) -> list[int]:
-    st = Path(path).stat()
-    return [st.st_size, st.st_mtime_ns]

@@ -85,6 +85,8 @@ def predict_one(before: str | os.PathLike, after: str | os.PathLike, outdir: str
     share; after a gather of the ranks' reports rank 0 assembles, vectorises and commits.
     """
     from cdmap.distributed import Dist
+    from cdmap.predict.fit import input_warnings
+    from cdmap.raster.identity import input_identity
     from cdmap.raster.pair import open_pair
 
     dist = dist or Dist()
@@ -99,7 +101,8 @@ def predict_one(before: str | os.PathLike, after: str | os.PathLike, outdir: str
         outdir = Path(outdir)
         finals = output_paths(outdir, opts.vector_format)
         workdir = outdir / WORKDIR_NAME
-        manifest = plan.manifest(before, after)
+        identities = (input_identity(before), input_identity(after))
+        manifest = plan.manifest(before, after, identities)
         finished = finished_run(outdir, finals, manifest) if run.resume else None
         if finished is not None:  # killed after the last rename: the run is complete, only its journal is left
             dist.barrier("the check for a finished run")
@@ -115,6 +118,7 @@ def predict_one(before: str | os.PathLike, after: str | os.PathLike, outdir: str
             return open_journal(workdir, manifest, run.resume)
 
         journal = dist.main_first(prepare, "the preparation of the outputs").for_rank(dist.rank)
+        warnings = input_warnings(pair, ckpt, identities) if dist.main else []
         timings = {"preflight_s": time.perf_counter() - t_start}
         t0 = time.perf_counter()
         import rasterio
@@ -129,7 +133,7 @@ def predict_one(before: str | os.PathLike, after: str | os.PathLike, outdir: str
                 journal.done.update((rec["grid_row"], rec) for rec in r.records)
             compute = merge_reports(compute, reports, journal_blend(journal))
             ctx = AssemblyContext(before, after, pair, plan, run, journal, finals, compute)
-            summary = _finish(ctx, timings, t_start, reports)
+            summary = _finish(ctx, timings, t_start, reports, warnings)
     finally:
         pair.close()
     result = PredictResult(outdir, finals["probability"], finals["mask"], finals.get("vectors"), finals["run"],
@@ -179,9 +183,12 @@ def _compute_share(pair: Any, plan: PredictPlan, journal: Journal, run: RunOptio
     return compute, reports
 
 
-def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float, reports: list[RankReport]
-            ) -> dict[str, Any]:
-    """Rasters, polygons, run.json, then everything renamed into place; returns the summary."""
+def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float, reports: list[RankReport],
+            warnings: list[str]) -> dict[str, Any]:
+    """Rasters, polygons, run.json (with ``warnings`` and the changed-share check), then everything renamed into
+    place; returns the summary."""
+    from cdmap.predict.fit import changed_share_warning
+
     with output_errors(ctx.journal.workdir.parent):
         t1 = time.perf_counter()
         rasters = write_rasters(ctx)
@@ -190,5 +197,9 @@ def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float, rep
         timings["total_s"] = time.perf_counter() - t_start
         summary = run_summary(ctx, rasters, vectors, timings) | {"run_key": manifest_key(ctx.journal.manifest)}
         summary["ranks"] = {"world_size": len(reports), "per_rank": [r.to_dict() for r in reports]}
+        share = changed_share_warning(summary["changed_pixels"], summary["valid_pixels"])
+        if share:
+            log.warning("%s", share)
+        summary["warnings"] = [*warnings, *([share] if share else [])]
         commit_outputs(ctx.journal, ctx.finals, summary, vec_path)
     return summary

@@ -73,6 +73,7 @@ from cdmap.raster.grid import (
     same_grid,
     same_pixel_geometry,
 )
+from cdmap.raster.identity import is_local
 from cdmap.raster.valid import alpha_bands, data_bands, mask_kinds, read_valid
 
 __all__ = ["Alignment", "ScenePair", "open_pair", "crs_equivalent", "same_grid", "GRID_TOL", "WARP_RESAMPLINGS"]
@@ -91,10 +92,6 @@ WARP_RESAMPLINGS = (
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path and not path.startswith("/vsi")
 
 
 def _crs_label(crs: CRS | None) -> str:
@@ -153,7 +150,7 @@ class _Side:
 
 
 def _open_checked(path: str, role: str) -> rasterio.DatasetReader:
-    if _is_local(path):
+    if is_local(path):
         p = Path(path)
         if not p.exists():
             raise InputError(f"{role} raster not found", path)

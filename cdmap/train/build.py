@@ -166,7 +166,7 @@ def _data(data_dir: Path, cfg: TrainConfig, rt: TrainRuntime, ckpt: Any,
 
     workers = max(1, rt.workers)
     splits = discover(data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, ignore_index=cfg.ignore_index,
-                      workers=workers, expected_bands=cfg.in_channels)
+                      workers=workers, expected_bands=cfg.in_channels, label_values=cfg.label_coding)
     bands = splits.bands
     if cfg.in_channels is not None and cfg.in_channels != bands:
         raise InputError(f"--in-channels {cfg.in_channels} given but the images have {bands} bands", data_dir)
@@ -267,7 +267,7 @@ def _loaders(splits: Any, mean: list[float], std: list[float], cfg: TrainConfig,
     from cdmap.train.state import seed_worker
 
     train_ds = TrainTiles(splits.train, mean, std, cfg.crop_size, cfg.seed,
-                          AugmentConfig() if cfg.augment else None, cfg.ignore_index)
+                          AugmentConfig() if cfg.augment else None, cfg.ignore_index, cfg.label_coding)
     sampler = EpochSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed,
                            drop_last=False)
     loader_kw: dict[str, Any] = {"num_workers": rt.workers, "pin_memory": device.type == "cuda",
@@ -278,7 +278,7 @@ def _loaders(splits: Any, mean: list[float], std: list[float], cfg: TrainConfig,
     drop_last = 1 < cfg.batch_size < len(sampler) and len(sampler) % cfg.batch_size == 1
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
                               generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
-    val_ds = EvalTiles(splits.val, mean, std, cfg.ignore_index)
+    val_ds = EvalTiles(splits.val, mean, std, cfg.ignore_index, cfg.label_coding)
     val_batches = size_grouped_batches(splits.val, rt.val_batch_size, dist.rank, dist.world)
     val_loader = DataLoader(val_ds, batch_sampler=val_batches,
                             generator=torch.Generator().manual_seed(cfg.seed + 1), **loader_kw)

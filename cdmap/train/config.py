@@ -94,6 +94,7 @@ class TrainConfig(_Plain):
     augment: bool = True
     val_fraction: float | None = None
     ignore_index: int | None = None
+    label_values: list[int] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
     dropblock_prob: float | None = None
@@ -135,12 +136,21 @@ class TrainConfig(_Plain):
         if self.batch_size == 1 and self.crop_size < 64:
             raise UsageError("--batch-size 1 needs --crop-size >= 64 (BatchNorm needs more than one value per "
                              "channel at the deepest level)")
+        if self.label_values is not None:
+            from cdmap.labels import parse_label_values
+
+            self.label_values = list(parse_label_values(self.label_values) or ())
         if (self.mean is None) != (self.std is None):
             raise UsageError("--mean and --std must be given together")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise UsageError("--std values must be > 0")
         if self.mean is not None and len(self.mean) != len(self.std):
             raise UsageError("--mean and --std need the same number of values")
+
+    @property
+    def label_coding(self) -> tuple[int, int] | None:
+        """``label_values`` as (no change, change), or None for 0/1 and 0/255 labels."""
+        return None if self.label_values is None else (self.label_values[0], self.label_values[1])
 
 
 @dataclass

@@ -106,8 +106,10 @@ class TrainTiles(Dataset):
         seed: int = 0,
         augment: AugmentConfig | None = None,
         ignore_index: int | None = None,
+        label_values: tuple[int, int] | None = None,
     ) -> None:
         self.pairs = list(pairs)
+        self.label_values = label_values
         self.norm = Normalisation.of(mean, std)
         self.crop_size = int(crop_size)
         self.seed = int(seed)
@@ -127,7 +129,7 @@ class TrainTiles(Dataset):
         top = int(torch.randint(0, max(pair.height - c, 0) + 1, (), generator=gen))
         left = int(torch.randint(0, max(pair.width - c, 0) + 1, (), generator=gen))
         window = Window(left, top, min(c, pair.width), min(c, pair.height))
-        a, b, label = read_sample(pair, window, self.norm, self.ignore_index)
+        a, b, label = read_sample(pair, window, self.norm, self.ignore_index, self.label_values)
         ta, tb, tl = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(label)
         ph, pw = c - ta.shape[-2], c - ta.shape[-1]
         if ph > 0 or pw > 0:

@@ -292,6 +292,8 @@ def _save(s: Session, epoch: int, thr: float, metrics: dict[str, float], rng_all
     cfg, optim = s.cfg, s.optim
     prov = {"train_data": str(s.data_dir), "epoch": epoch + 1, "epochs": cfg.epochs, "seed": cfg.seed,
             "train_pairs": len(s.splits.train), "val_pairs": len(s.splits.val), "world_size": s.dist.world}
+    if getattr(s.splits, "gsd_m", None):
+        prov["gsd_m"] = s.splits.gsd_m  # the training pixel size range, for predict's fit check
     weights = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
     common = {"tile_size": cfg.crop_size, "threshold": thr, "metrics": metrics, "provenance": prov}
     if improved:

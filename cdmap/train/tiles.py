@@ -6,7 +6,9 @@ mask or alpha band, NaN: the rule of :func:`cdmap.raster.valid.read_valid`) are 
 shuffled with ``seed`` and dealt to train/val/test by the ``split`` fractions (split by tile, deterministic). Every
 read is windowed, so scenes of any size fit in memory.
 
-Labels are a raster on BEFORE's grid (band 1, non-zero = change) or a polygon file (GeoPackage, GeoJSON,
+Labels are a raster on BEFORE's grid (band 1, decoded by the one label rule of :mod:`cdmap.labels`: 0/1, 0/255,
+or ``label_values`` such as OSCD's 1/2; a label raster without georeferencing only with ``pixel_grid`` and
+BEFORE's size) or a polygon file (GeoPackage, GeoJSON,
 Shapefile, FlatGeobuf...) read with geopandas, reprojected to BEFORE's CRS and burnt onto each tile
 (pixel centre inside a polygon = change). Label tiles hold 0 and 255; pixels where a label raster is nodata
 (a nodata value other than 0) are written as :data:`LABEL_IGNORE` and training then needs
@@ -32,7 +34,9 @@ import numpy as np
 
 from cdmap.errors import IncompatibleInputsError, InputError, OutputError, UsageError
 from cdmap.files import check_outputs_spare_inputs, with_sidecars
+from cdmap.labels import check_label_grid
 from cdmap.raster.grid import same_grid
+from cdmap.raster.identity import is_local
 from cdmap.vector.labels import VECTOR_SUFFIXES
 
 SPLITS = ("train", "val", "test")
@@ -104,32 +108,39 @@ def make_tiles(
     seed: int = 0,
     fmt: str = "tif",
     overwrite: bool = False,
+    label_values: tuple[int, int] | None = None,
+    pixel_grid: bool = False,
 ) -> TilesResult:
-    """Cut ``before``/``after``/``labels`` into ``out_dir/{train,val,test}/{A,B,label}`` tiles (see module doc)."""
+    """Cut ``before``/``after``/``labels`` into ``out_dir/{train,val,test}/{A,B,label}`` tiles (see module doc).
+
+    Inputs are any paths GDAL opens (local files, ``/vsizip/``, ``/vsicurl/``, URLs)."""
     fractions = parse_split(split)
     if tile_size < 16:
         raise UsageError(f"--tile-size must be >= 16, got {tile_size}")
     fmt = fmt.lower().lstrip(".")
     if fmt not in ("tif", "png"):
         raise UsageError(f"--format must be tif or png, got {fmt!r}")
-    before, after, labels, out_dir = Path(before), Path(after), Path(labels), Path(out_dir)
+    before, after, labels, out_dir = os.fspath(before), os.fspath(after), os.fspath(labels), Path(out_dir)
     for p in (before, after, labels):
-        if not p.exists():
+        if is_local(p) and not Path(p).exists():
             raise InputError("file not found", p)
     check_outputs_spare_inputs([*with_sidecars(before), *with_sidecars(after), *with_sidecars(labels)],
                                [out_dir / "tiles.json"], [out_dir / s for s in SPLITS])
     _check_out(out_dir, overwrite)
-    src = _open_sources(before, after, labels, fmt)
+    src = _open_sources(before, after, labels, fmt, pixel_grid)
     try:  # everything is checked before the output folder is touched; tiles are built beside it
+        src.label_values = label_values
+        _check_label_values(src, labels)
         windows, skipped = _valid_windows(src, tile_size, before)
         assignment = _assign(len(windows), fractions, seed)
         with _building(out_dir) as build:
-            names, used_ignore = _write_tiles(src, windows, assignment, build, before.stem, fmt)
+            names, used_ignore = _write_tiles(src, windows, assignment, build, Path(before).stem, fmt)
             result = TilesResult(out_dir=out_dir, tile_size=tile_size, counts={s: len(v) for s, v in names.items()},
                                  skipped_nodata=skipped, names={s: sorted(v) for s, v in names.items()},
                                  ignore_index=LABEL_IGNORE if used_ignore else None)
             manifest: dict[str, Any] = {
                 "before": str(before), "after": str(after), "labels": str(labels), "tile_size": tile_size,
+                "label_values": list(label_values) if label_values else None,
                 "split": list(fractions), "seed": seed, "format": fmt, "counts": result.counts,
                 "skipped_nodata": skipped, "ignore_index": result.ignore_index, "tiles": result.names,
             }
@@ -148,6 +159,7 @@ class _Sources:
     b: Any
     lab: Any = None
     gdf: Any = None
+    label_values: tuple[int, int] | None = None
 
     def close(self) -> None:
         for s in (self.a, self.b, self.lab):
@@ -155,7 +167,7 @@ class _Sources:
                 s.close()
 
 
-def _open_sources(before: Path, after: Path, labels: Path, fmt: str) -> _Sources:
+def _open_sources(before: str, after: str, labels: str, fmt: str, pixel_grid: bool) -> _Sources:
     """Open and check the scene pair (same grid and bands, PNG-compatible) and the labels."""
     import rasterio
 
@@ -164,12 +176,12 @@ def _open_sources(before: Path, after: Path, labels: Path, fmt: str) -> _Sources
     try:
         src = _Sources(rasterio.open(before), None)
     except rasterio.errors.RasterioError as exc:
-        raise InputError(f"cannot open raster: {exc}") from exc
+        raise InputError(f"cannot open raster: {exc}", before) from exc
     try:
         src.b = rasterio.open(after)
     except rasterio.errors.RasterioError as exc:
         src.close()
-        raise InputError(f"cannot open raster: {exc}") from exc
+        raise InputError(f"cannot open raster: {exc}", after) from exc
     try:
         a, b = src.a, src.b
         if not same_grid(a, b):
@@ -181,24 +193,41 @@ def _open_sources(before: Path, after: Path, labels: Path, fmt: str) -> _Sources
         if fmt == "png" and (a.dtypes[0] not in ("uint8", "uint16") or a.count > 4):
             raise UsageError(f"PNG tiles need uint8/uint16 images with at most 4 bands ({a.count} x "
                              f"{a.dtypes[0]} here); use --format tif")
-        if labels.suffix.lower() in VECTOR_SUFFIXES:
+        if Path(labels).suffix.lower() in VECTOR_SUFFIXES:
             src.gdf = read_polygons(labels, a.crs)
             return src
         try:
             src.lab = rasterio.open(labels)
         except rasterio.errors.RasterioError as exc:
             raise InputError(f"cannot open label raster (or unknown polygon format): {exc}", labels) from exc
-        if not same_grid(a, src.lab, allow_missing_crs=True):
-            raise IncompatibleInputsError(
-                f"label raster ({src.lab.width}x{src.lab.height}) is not on BEFORE's grid "
-                f"({a.width}x{a.height})", labels)
+        check_label_grid(src.lab, a, labels, pixel_grid)
         return src
     except BaseException:
         src.close()
         raise
 
 
-def _valid_windows(src: _Sources, tile_size: int, before: Path) -> tuple[list[Any], int]:
+def _check_label_values(src: _Sources, labels: str) -> None:
+    """Refuse a label raster whose values the label rule cannot decode, before any tile is written."""
+    from cdmap.labels import distinct_values, label_problem
+
+    if src.lab is None:
+        return
+    values: set[float] = set()
+    for w in _windows(src.lab.height, src.lab.width, 1024):
+        values |= distinct_values(src.lab.read(1, window=w), nodata=_label_nodata(src.lab))
+    why = label_problem(values, src.label_values)
+    if why:
+        raise InputError(why, labels)
+
+
+def _label_nodata(lab: Any) -> float | None:
+    """A label raster's nodata value, unless it is 0 (0 is "no change", whatever the file says)."""
+    nd = lab.nodata
+    return None if nd is None or nd == 0 or (isinstance(nd, float) and np.isnan(nd)) else nd
+
+
+def _valid_windows(src: _Sources, tile_size: int, before: str) -> tuple[list[Any], int]:
     """The grid windows where both dates hold a valid pixel, and how many were skipped."""
     windows = []
     skipped = 0
@@ -230,14 +259,14 @@ def _label_tile(src: _Sources, window: Any, transform: Any, shape: tuple[int, in
 
     if src.gdf is not None:
         return rasterize_polygons(src.gdf, transform, shape, value=255), False
-    raw = src.lab.read(1, window=window)
-    label = np.where(raw != 0, 255, 0).astype(np.uint8)
-    nd = src.lab.nodata
-    if nd is not None and nd != 0 and not (isinstance(nd, float) and np.isnan(nd)):
-        bad = raw == nd
-        if bad.any():
-            label[bad] = LABEL_IGNORE
-            return label, True
+    from cdmap.labels import IGNORE_INDEX, decode_labels
+
+    decoded = decode_labels(src.lab.read(1, window=window), src.label_values, nodata=_label_nodata(src.lab))
+    label = np.where(decoded == 1, 255, 0).astype(np.uint8)
+    bad = decoded == IGNORE_INDEX
+    if bad.any():
+        label[bad] = LABEL_IGNORE
+        return label, True
     return label, False
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,7 +437,7 @@ def vectorize_raster(
     :mod:`cdmap.vector.measure` says. Returns what was written.
     """
     # over 60 lines only by the docstring above (the public contract); the body is open, stream, commit
-    raster = Path(raster)
+    raster = os.fspath(raster)  # a str: Path would turn /vsicurl/http://... into http:/...
     output = Path(output)
     fmt = format_from_path(output, vector_format)
     _check_arguments(raster, output, threshold, min_area, simplify, layer, window_size, overwrite)
@@ -450,7 +451,7 @@ def vectorize_raster(
         else:
             mode, thr = "mask", math.nan
         if prob_raster is not None:
-            probs = Source(Path(prob_raster), "probability raster")
+            probs = Source(os.fspath(prob_raster), "probability raster")
             _check_same_grid(src, probs)
         _log_raw_probabilities(src, mode, probs)
         ds = src.ds
@@ -485,7 +486,7 @@ def vectorize_raster(
 
 
 def _check_arguments(
-    raster: Path,
+    raster: str,
     output: Path,
     threshold: float | None,
     min_area: float,

@@ -19,13 +19,14 @@ from cdmap.errors import InputError
 class Source:
     """An open single-band raster and how to turn a window of it into values and validity."""
 
-    def __init__(self, path: Path, role: str) -> None:
+    def __init__(self, path: str | Path, role: str) -> None:
         import rasterio
         from rasterio.errors import RasterioIOError
 
+        from cdmap.raster.identity import is_local
         from cdmap.raster.valid import mask_kinds
 
-        if not path.exists():
+        if is_local(path) and not Path(path).exists():
             raise InputError("no such file", path=path)
         try:
             self.ds = rasterio.open(path)
