@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cdmap.process", "cdmap.progress", "cdmap.device", "cdmap.metrics", "cdmap.synthetic"),
     ("cdmap.raster", "cdmap.tiling", "cdmap.models"),
     ("cdmap.checkpoint",),
+    ("cdmap.backends",),
     ("cdmap.inference",),
     ("cdmap.data", "cdmap.vector"),
     ("cdmap.predict",),
