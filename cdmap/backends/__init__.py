@@ -21,6 +21,10 @@ CPU_FP32_ORDER = ("onnxruntime", "openvino")
 CPU_BF16_ORDER = ("openvino",)
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run this model here (not installed, unsupported precision, failed check)."""
+
+
 def installed(name: str) -> bool:
     """Whether the backend's runtime can be imported (torch always can)."""
     if name == "torch":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdmap.backends.runner import BackendUnavailable
+from cdmap.backends import BackendUnavailable
 
 
 class OnnxRuntimeRunner:

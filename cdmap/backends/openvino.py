@@ -19,7 +19,7 @@ class OpenVinoRunner:
     name = "openvino"
 
     def __init__(self, onnx_path: Path, precision: str, threads: int, cache: Path | None = None) -> None:
-        from cdmap.backends.runner import BackendUnavailable
+        from cdmap.backends import BackendUnavailable
 
         if precision not in OV_PRECISION:
             raise BackendUnavailable(f"openvino runs fp32 or bf16, not {precision}")

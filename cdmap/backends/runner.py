@@ -10,16 +10,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cdmap.backends import BackendUnavailable
+
 log = logging.getLogger("cdmap")
 
 # fp32-equivalent: the largest P(change) difference to torch fp32 on the verification input.
 EXACT_TOLERANCE = 1e-4
 # bf16 is not exact; the check only catches a broken graph (accuracy is guarded in benchmarks/RESULTS.md).
 BF16_TOLERANCE = 5e-2
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend cannot run this model here (not installed, unsupported precision, failed check)."""
 
 
 class Runner(Protocol):
