@@ -71,7 +71,7 @@ class Predictor:
         import torch
 
         from cdmap.backends import choose
-        from cdmap.backends.torch_backend import prepare_model
+        from cdmap.backends.torch_backend import prepare_model, use_channels_last
         from cdmap.device import autocast_dtype, resolve_device, resolve_precision
 
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -79,7 +79,8 @@ class Predictor:
         self.normalisation = Normalisation.of(mean, std)
         self._dtype = autocast_dtype(self.precision)
         self._cuda = self.device.type == "cuda"
-        self.model = prepare_model(model, self.device)
+        self.channels_last = use_channels_last(self.device)
+        self.model = prepare_model(model, self.device, self.channels_last)
         self.requested_backend = backend
         self.backend = choose(backend, self.device, self.precision)
         self._model_hash = model_hash
@@ -159,7 +160,7 @@ class Predictor:
                 if xa.shape != xb.shape:
                     raise ValueError(f"the two dates must have the same shape, got {xa.shape} and {xb.shape}")
                 return torch.from_numpy(runner.run(xa, xb))
-        xa, xb = to_device(a, self.device), to_device(b, self.device)
+        xa, xb = to_device(a, self.device, self.channels_last), to_device(b, self.device, self.channels_last)
         return forward_probability(self.model, xa, xb, self.device, self._dtype)
 
     def launch(self, a: np.ndarray, b: np.ndarray) -> PendingProbability:

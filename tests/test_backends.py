@@ -168,3 +168,20 @@ def test_model_hash_follows_weights_and_prefers_checkpoint_sha256(ckpt):
     assert export.model_sha256(model, WithHash()) == export.model_sha256(model, WithHash())
     assert export.cache_key(h, 3, 64, 64) != export.cache_key(h, 3, 64, 128)
     assert export.cache_key(h, 3, 64, 64) != export.cache_key(h, 4, 64, 64)
+
+
+def test_channels_last_torch_path_is_exact(ckpt):
+    """The NHWC layout (CUDA default; Conv3d weights stay 5-D) changes no result on CPU."""
+    from cdmap.backends.torch_backend import to_channels_last
+
+    a, b = _batch(1)
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="torch")
+    plain = pred.probability(a, b)
+    pred.model, pred.channels_last = to_channels_last(pred.model), True
+    assert (pred.probability(a, b) - plain).abs().max() <= 1e-5
+
+
+def test_cuda_batch_size_is_one_on_cpu():
+    from cdmap.backends.torch_backend import cuda_batch_size
+
+    assert cuda_batch_size(torch.device("cpu"), 256) == 1

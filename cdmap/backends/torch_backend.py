@@ -15,16 +15,32 @@ from typing import Any
 BYTES_PER_PIXEL_FP32 = 1800
 
 
-def prepare_model(model: Any, device: Any) -> Any:
-    """The network ready for inference on ``device`` (channels_last on CUDA, where cuDNN prefers NHWC)."""
+# channels_last on CPU: measured in benchmarks/RESULTS.md section 5 (no gain in fp32 eager torch here).
+CPU_CHANNELS_LAST = False
+
+
+def use_channels_last(device: Any) -> bool:
+    return device.type == "cuda" or CPU_CHANNELS_LAST
+
+
+def to_channels_last(model: Any) -> Any:
+    """Conv2d weights in NHWC (``Module.to(memory_format=...)`` refuses the 5-D Conv3d weights of DAWIM)."""
     import torch
 
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     return model
 
 
-def to_device(x: Any, device: Any) -> Any:
+def prepare_model(model: Any, device: Any, channels_last: bool | None = None) -> Any:
+    """The network ready for inference on ``device`` (channels_last on CUDA, where cuDNN prefers NHWC)."""
+    if use_channels_last(device) if channels_last is None else channels_last:
+        model = to_channels_last(model)
+    return model
+
+
+def to_device(x: Any, device: Any, channels_last: bool = False) -> Any:
     """A 4-D float tensor on ``device`` from numpy or torch, 3-D or 4-D; pinned + non-blocking to CUDA."""
     import numpy as np
     import torch
@@ -35,9 +51,11 @@ def to_device(x: Any, device: Any) -> Any:
     if device.type == "cuda":
         if t.device.type == "cpu":
             t = t.pin_memory()
-        t = t.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        t = t.to(device, non_blocking=True)
     elif t.device != device:
         t = t.to(device)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
     return t
 
 
