@@ -67,11 +67,16 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, mean: Sequence[float], std: Sequence[float],
                  device: Any = "auto", precision: str = "auto", backend: str = "torch",
-                 model_hash: str | None = None) -> None:
+                 model_hash: str | None = None, owns_model: bool = False) -> None:
         import torch
 
         from cdmap.backends import choose
-        from cdmap.backends.torch_backend import prepare_model, use_channels_last
+        from cdmap.backends.torch_backend import (
+            CudaGraphForward,
+            cuda_graphs_enabled,
+            prepare_model,
+            use_channels_last,
+        )
         from cdmap.device import autocast_dtype, resolve_device, resolve_precision
 
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -79,8 +84,10 @@ class Predictor:
         self.normalisation = Normalisation.of(mean, std)
         self._dtype = autocast_dtype(self.precision)
         self._cuda = self.device.type == "cuda"
-        self.channels_last = use_channels_last(self.device)
+        self.channels_last = use_channels_last(self.device, owned=owns_model)
         self.model = prepare_model(model, self.device, self.channels_last)
+        self._graphs = (CudaGraphForward(self.model, self.device, self._dtype, self.channels_last)
+                        if owns_model and cuda_graphs_enabled(self.device) else None)
         self.requested_backend = backend
         self.backend = choose(backend, self.device, self.precision)
         self._model_hash = model_hash
@@ -108,7 +115,8 @@ class Predictor:
             from cdmap.backends.export import model_sha256
 
             model_hash = model_sha256(model, ckpt)
-        return cls(model, ckpt.mean, ckpt.std, dev, precision, backend=backend, model_hash=model_hash)
+        return cls(model, ckpt.mean, ckpt.std, dev, precision, backend=backend, model_hash=model_hash,
+                   owns_model=True)
 
     def _fall_back(self, reason: str) -> None:
         import logging
@@ -161,6 +169,8 @@ class Predictor:
                     raise ValueError(f"the two dates must have the same shape, got {xa.shape} and {xb.shape}")
                 return torch.from_numpy(runner.run(xa, xb))
         xa, xb = to_device(a, self.device, self.channels_last), to_device(b, self.device, self.channels_last)
+        if self._graphs is not None:
+            return self._graphs(xa, xb).clone()  # the graph output buffer is reused by the next replay
         return forward_probability(self.model, xa, xb, self.device, self._dtype)
 
     def launch(self, a: np.ndarray, b: np.ndarray) -> PendingProbability:
@@ -176,6 +186,14 @@ class Predictor:
         event = torch.cuda.Event()
         event.record()
         return PendingProbability(out, event)
+
+    def suggested_batch_size(self, tile: int) -> int | None:
+        """On CUDA, a batch size whose forward fits the free device memory; None on CPU (keep the user's)."""
+        if not self._cuda:
+            return None
+        from cdmap.backends.torch_backend import cuda_batch_size
+
+        return cuda_batch_size(self.device, tile, self.precision)
 
     def describe(self) -> dict[str, Any]:
         """What runs: backend, precision, device and the setup (export/compile) seconds spent."""

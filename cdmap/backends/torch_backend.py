@@ -1,9 +1,14 @@
 """The torch path (the reference, and the only one on CUDA): eval model, inference_mode, autocast.
 
-CPU: fp32 by default with STSAM on its fused SDPA kernel, which measured fastest in eager torch here
-(benchmarks/RESULTS.md section 5); bf16 autocast when asked for. CUDA: channels_last, bf16/fp16 autocast,
-pinned non-blocking host-to-device copies (so the caller reads the next batch meanwhile), and a batch size
-that fits the free memory (:func:`cuda_batch_size`). The CUDA parts are written for, not measured on, a GPU.
+CPU: fp32 by default, Conv2d weights and inputs in channels_last for a network the predictor owns (a
+checkpoint's; 1.10x here), STSAM on its fused SDPA kernel: the unpadded ``chunked`` attention is exact too
+but measured no faster in eager torch on this CPU (its C/8-wide Q.K product is memory-bound), so it is used in
+the exported graphs only (benchmarks/RESULTS.md section 5). bf16 autocast when asked for.
+
+CUDA: channels_last, bf16/fp16 autocast, pinned non-blocking host-to-device copies (the caller reads the next
+batch meanwhile), a batch size that fits the free memory (:func:`cuda_batch_size`) and, opt-in with
+``CDMAP_CUDA_GRAPHS=1``, CUDA-graph replay (:class:`CudaGraphForward`). The CUDA parts are written for, but
+were NOT measured on, a GPU (none was available to this work).
 """
 
 from __future__ import annotations
@@ -15,12 +20,19 @@ from typing import Any
 BYTES_PER_PIXEL_FP32 = 1800
 
 
-# channels_last on CPU: measured in benchmarks/RESULTS.md section 5 (no gain in fp32 eager torch here).
-CPU_CHANNELS_LAST = False
+# channels_last on CPU for checkpoint networks: 1.10x fp32, 1.09x bf16 (benchmarks/RESULTS.md section 5).
+CPU_CHANNELS_LAST = True
 
 
-def use_channels_last(device: Any) -> bool:
-    return device.type == "cuda" or CPU_CHANNELS_LAST
+def use_channels_last(device: Any, owned: bool = True) -> bool:
+    """NHWC on CUDA always; on CPU only for a network the predictor owns (not a model being trained)."""
+    return device.type == "cuda" or (CPU_CHANNELS_LAST and owned)
+
+
+def cuda_graphs_enabled(device: Any) -> bool:
+    import os
+
+    return getattr(device, "type", "cpu") == "cuda" and os.environ.get("CDMAP_CUDA_GRAPHS", "0") == "1"
 
 
 def to_channels_last(model: Any) -> Any:
@@ -84,3 +96,50 @@ def cuda_batch_size(device: Any, tile: int, precision: str = "bf16", fraction: f
     free, _total = torch.cuda.mem_get_info(device)
     per_pair = BYTES_PER_PIXEL_FP32 * tile * tile * (0.5 if precision in ("bf16", "fp16") else 1.0)
     return int(max(1, min(limit, (free * fraction) // per_pair)))
+
+
+class CudaGraphForward:
+    """Replays a captured CUDA graph of the forward for each (batch, bands, H, W) seen (opt-in, CUDA only).
+
+    Capture needs static input/output buffers: each call copies the batch into them, replays, and returns
+    the output buffer's P(change) (valid until the next call of the same shape, so callers copy it out, as
+    :meth:`cdmap.inference.Predictor.launch` does). Autocast runs with ``cache_enabled=False`` as graph
+    capture requires. Enabled by ``CDMAP_CUDA_GRAPHS=1``; NOT measured (no GPU was available to this work).
+    """
+
+    def __init__(self, model: Any, device: Any, dtype: Any, channels_last: bool) -> None:
+        self.model, self.device, self.dtype, self.channels_last = model, device, dtype, channels_last
+        self._graphs: dict[tuple[int, ...], tuple[Any, Any, Any, Any]] = {}
+
+    def _capture(self, shape: tuple[int, ...]) -> tuple[Any, Any, Any, Any]:
+        import torch
+
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        xa = torch.zeros(shape, device=self.device).contiguous(memory_format=fmt)
+        xb = torch.zeros_like(xa)
+
+        def run() -> Any:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=self.dtype or torch.float32,
+                                                        enabled=self.dtype is not None, cache_enabled=False):
+                return torch.softmax(self.model(xa, xb).float(), dim=1)[:, 1]
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (cuDNN/cuBLAS workspaces, lazy init)
+                run()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        return graph, xa, xb, out
+
+    def __call__(self, xa: Any, xb: Any) -> Any:
+        key = tuple(xa.shape)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(key)
+        graph, sa, sb, out = self._graphs[key]
+        sa.copy_(xa, non_blocking=True)
+        sb.copy_(xb, non_blocking=True)
+        graph.replay()
+        return out
