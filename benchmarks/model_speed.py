@@ -144,12 +144,13 @@ def _load() -> str:
 
 # ----- backends x precisions (--compare) -------------------------------------------------------------------------
 COMPARE = [
-    # name, backend, precision, torch variant
-    ("torch fp32 (today: eager, SDPA)", "torch", "fp32", "sdpa"),
-    ("torch fp32 chunked attention", "torch", "fp32", "chunked"),
-    ("torch fp32 channels_last", "torch", "fp32", "channels_last"),
-    ("torch bf16 autocast", "torch", "bf16", "sdpa"),
-    ("torch bf16 autocast channels_last", "torch", "bf16", "channels_last"),
+    # label, backend, precision, torch variant ("+"-separated: nchw = today's contiguous layout, chunked)
+    ("torch fp32 (today: eager, SDPA, NCHW)", "torch", "fp32", "nchw"),
+    ("torch fp32 chunked attention, NCHW", "torch", "fp32", "nchw+chunked"),
+    ("torch fp32 (now: channels_last, SDPA)", "torch", "fp32", ""),
+    ("torch bf16 autocast, NCHW", "torch", "bf16", "nchw"),
+    ("torch bf16 autocast (now: channels_last)", "torch", "bf16", ""),
+    ("torch bf16 autocast channels_last + chunked", "torch", "bf16", "chunked"),
     ("onnxruntime fp32", "onnxruntime", "fp32", ""),
     ("openvino fp32", "openvino", "fp32", ""),
     ("openvino bf16", "openvino", "bf16", ""),
@@ -208,15 +209,20 @@ def _checkpoint(path: str | None, tile: int):
 
 
 def _predictor(cfg: dict, ckpt):
-    from cdmap.backends.torch_backend import to_channels_last
+    import torch
+
     from cdmap.inference import Predictor
 
     pred = Predictor.from_checkpoint(ckpt, "cpu", cfg["precision"], backend=cfg["backend"])
-    if cfg["variant"] == "chunked":
+    variant = set(cfg["variant"].split("+"))
+    if "chunked" in variant:
         for block in pred.model.stsam:  # ModelConfig validates sdpa/explicit only: set the blocks directly
             block.attention = "chunked"
-    elif cfg["variant"] == "channels_last":
-        pred.model, pred.channels_last = to_channels_last(pred.model), True
+    if "nchw" in variant:  # today's layout: contiguous weights and inputs
+        for module in pred.model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous()
+        pred.channels_last = False
     return pred
 
 

@@ -18,10 +18,11 @@ one run, configurations interleaved round by round, each in a fresh process, aga
 ``cdmap.predict.predict_scene`` (reads, blending, rasters, polygons, run.json) with the network replaced by a
 shim that calls ``Predictor.probability`` of the chosen backend/precision (returning log-probabilities, so
 predict's softmax gives back the same P(change)). Printed per configuration: end-to-end speed-up, setup
-(export/compile/check, cold cache in round 1), end-to-end / model-only in the same process, peak RSS, and
-max P(change) difference and change-mask agreement with the torch fp32 run (float32 probability output)::
+(export/compile/check, cold cache), end-to-end / model-only in the same process, and max P(change) difference
+and change-mask agreement with the torch fp32 run (float32 probability output). All configurations run in one
+process, whole runs interleaved round by round, so a shared machine's load drifts hit them alike::
 
-    python benchmarks/predict_scene.py --size 2048 --backends --model best.pt --threads 1 --rounds 2
+    python benchmarks/predict_scene.py --size 1024 --backends --model best.pt --threads 1 --rounds 5
 """
 
 from __future__ import annotations
@@ -122,62 +123,78 @@ print(json.dumps({"seconds": dt, "peak_rss_mib": resource.getrusage(resource.RUS
 
 
 DRIVER = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 cfg = json.loads(sys.argv[2])
 os.environ["CDMAP_CACHE_DIR"] = cfg["cache"]
 import numpy as np, torch
 torch.set_num_threads(cfg["threads"])
 from cdmap.checkpoint import Checkpoint, load_checkpoint
+from cdmap.inference import Predictor
 from cdmap.predict import predict_scene
 ckpt = load_checkpoint(cfg["model"])
 tile, bsz = cfg["tile"], cfg["batch"]
-setup = 0.0
-kw = dict(tile_size=tile, overlap=cfg["overlap"], batch_size=bsz, device="cpu", overwrite=True, quiet=True,
-          prob_dtype="float32", workers=cfg["workers"])
-if cfg["backend"] != "unchanged":
-    from cdmap.inference import Predictor
-    t0 = time.perf_counter()
-    pred = Predictor.from_checkpoint(ckpt, "cpu", cfg["precision"], backend=cfg["backend"])
-    z = np.zeros((bsz, ckpt.in_channels, tile, tile), np.float32)
-    pred.probability(z, z)  # export / compile / check for the tile shape (cached after the first run)
-    setup = time.perf_counter() - t0
-
-    class Shim(torch.nn.Module):
-        def forward(self, a, b):
-            p = pred.probability(a, b).clamp(1e-7, 1 - 1e-7)
-            return torch.stack((torch.log1p(-p), torch.log(p)), dim=1)
-
-    Checkpoint.build_model = lambda self, device=None: Shim()
-    kw["precision"] = "fp32"  # the predictor applies the precision itself
-    run = pred.probability
-else:
-    kw["precision"] = cfg["precision"]
-    net = ckpt.build_model("cpu")
-    def run(a, b):
-        with torch.inference_mode():
-            return torch.softmax(net(torch.from_numpy(a), torch.from_numpy(b)), 1)[:, 1]
-t = time.perf_counter()
-res = predict_scene(cfg["before"], cfg["after"], cfg["out"], cfg["model"], **kw)
-e2e = time.perf_counter() - t
+z = np.zeros((bsz, ckpt.in_channels, tile, tile), np.float32)
 rng = np.random.default_rng(0)
-xa = rng.standard_normal((bsz, ckpt.in_channels, tile, tile), dtype=np.float32)
-xb = rng.standard_normal(xa.shape, dtype=np.float32)
-run(xa, xb)
-n = max(1, cfg["sample"] // bsz)
-t = time.perf_counter()
-for _ in range(n):
-    run(xa, xb)
-per_window = (time.perf_counter() - t) / (n * bsz)
-summary = json.loads((__import__("pathlib").Path(cfg["out"]) / "run.json").read_text())
-print(json.dumps({"e2e_s": e2e, "setup_s": setup, "model_scene_s": per_window * cfg["windows"],
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "run_peak_rss_mib": summary.get("peak_rss_mib")}))
+xa = rng.standard_normal(z.shape, dtype=np.float32)
+xb = rng.standard_normal(z.shape, dtype=np.float32)
+original_build = Checkpoint.build_model
+current = {}
+
+class Shim(torch.nn.Module):
+    def forward(self, a, b):
+        p = current["pred"].probability(a, b).clamp(1e-7, 1 - 1e-7)
+        return torch.stack((torch.log1p(-p), torch.log(p)), dim=1)
+
+preds, setup = [], []
+for c in cfg["configs"]:
+    if c["backend"] == "unchanged":
+        preds.append(None)
+        setup.append(0.0)
+        continue
+    t0 = time.perf_counter()
+    pred = Predictor.from_checkpoint(ckpt, "cpu", c["precision"], backend=c["backend"])
+    pred.probability(z, z)  # export / compile / check for the tile shape (cold cache: this run pays it)
+    setup.append(time.perf_counter() - t0)
+    preds.append(pred)
+
+def unchanged_model(a, b, net=[]):
+    if not net:
+        net.append(original_build(ckpt, "cpu"))
+    with torch.inference_mode():
+        return torch.softmax(net[0](torch.from_numpy(a), torch.from_numpy(b)), 1)[:, 1]
+
+e2e = [[] for _ in preds]
+model = [[] for _ in preds]
+for rnd in range(cfg["rounds"]):
+    for i, (c, pred) in enumerate(zip(cfg["configs"], preds)):
+        kw = dict(tile_size=tile, overlap=cfg["overlap"], batch_size=bsz, device="cpu", overwrite=True, quiet=True,
+                  prob_dtype="float32", workers=cfg["workers"])
+        if pred is None:
+            Checkpoint.build_model = original_build
+            kw["precision"] = c["precision"]
+            run = unchanged_model
+        else:
+            current["pred"] = pred
+            Checkpoint.build_model = lambda self, device=None: Shim()
+            kw["precision"] = "fp32"  # the predictor applies its precision itself
+            run = pred.probability
+        t = time.perf_counter()
+        predict_scene(cfg["before"], cfg["after"], os.path.join(cfg["work"], f"out{i}"), cfg["model"], **kw)
+        e2e[i].append(time.perf_counter() - t)
+        run(xa, xb)
+        t = time.perf_counter()
+        for _ in range(max(1, cfg["sample"] // bsz)):
+            run(xa, xb)
+        model[i].append((time.perf_counter() - t) / (max(1, cfg["sample"] // bsz) * bsz) * cfg["windows"])
+        print(f"  round {rnd + 1}: {c['label']}: e2e {e2e[i][-1]:.1f} s, model-only {model[i][-1]:.1f} s",
+              file=sys.stderr, flush=True)
+print(json.dumps({"e2e_s": e2e, "model_scene_s": model, "setup_s": setup}))
 """
 
 BACKEND_CONFIGS = [
     ("cdmap predict unchanged (torch fp32, today)", "unchanged", "fp32"),
-    ("Predictor torch fp32", "torch", "fp32"),
+    ("Predictor torch fp32 (channels_last)", "torch", "fp32"),
     ("Predictor torch bf16", "torch", "bf16"),
     ("Predictor onnxruntime fp32", "onnxruntime", "fp32"),
     ("Predictor openvino fp32", "openvino", "fp32"),
@@ -196,55 +213,41 @@ def backends_main(args, before: Path, after: Path, work: Path, source: str, over
     if args.model is None:
         raise SystemExit("--backends needs --model (a trained checkpoint: the masks are compared)")
     grid = WindowGrid(args.size, args.size, args.tile, overlap)
-    cache = work / "cache"
-    configs = [c for c in BACKEND_CONFIGS if c[1] in ("unchanged", "torch", "auto") or backends.installed(c[1])]
+    configs = [dict(label=label, backend=be, precision=prec) for label, be, prec in BACKEND_CONFIGS
+               if be in ("unchanged", "torch", "auto") or backends.installed(be)]
+    cfg = dict(configs=configs, model=str(args.model), tile=args.tile, overlap=overlap, batch=args.batch_size,
+               threads=args.threads, workers=args.workers, cache=str(work / "cache"), before=str(before),
+               after=str(after), work=str(work), sample=args.sample, windows=len(grid), rounds=args.rounds)
     env = dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS=str(args.threads))
-    runs: list[list[dict]] = [[] for _ in configs]
-    for rnd in range(args.rounds):
-        for i, (label, be, prec) in enumerate(configs):
-            cfg = dict(backend=be, precision=prec, model=str(args.model), tile=args.tile, overlap=overlap,
-                       batch=args.batch_size, threads=args.threads, workers=args.workers, cache=str(cache),
-                       before=str(before), after=str(after), out=str(work / f"out{i}"), sample=args.sample,
-                       windows=len(grid))
-            proc = subprocess.run([sys.executable, "-c", DRIVER, str(HERE.parent), json.dumps(cfg)],
-                                  capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                runs[i].append({"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]})
-            else:
-                runs[i].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            r = runs[i][-1]
-            print(f"  round {rnd + 1}: {label}: " + (r.get("error") or
-                  f"e2e {r['e2e_s']:.1f} s, setup {r['setup_s']:.1f} s, model-only {r['model_scene_s']:.1f} s"),
-                  file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(HERE.parent), json.dumps(cfg)], stdout=subprocess.PIPE,
+                          text=True, env=env, check=True)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
 
     def read(i: int, name: str) -> np.ndarray:
         with rasterio.open(work / f"out{i}" / name) as src:
             return src.read(1)
 
-    ref_i = next(i for i, c in enumerate(configs) if c[1] == "torch" and c[2] == "fp32")
+    ref_i = 0  # today's unchanged torch fp32 run
     ref_p, ref_m = read(ref_i, "change_probability.tif"), read(ref_i, "change_mask.tif")
-    base = [r.get("e2e_s") for r in runs[0]]
+    base = res["e2e_s"][0]
     print(f"\nscene {args.size}x{args.size} ({source}), tile {args.tile}, overlap {overlap}, batch {args.batch_size}, "
           f"{len(grid)} windows, {args.threads} torch/backend thread(s), {args.workers} reader thread(s), "
-          f"{args.rounds} round(s), {os.cpu_count()} CPU cores; speed-up = median over rounds of "
-          f"(unchanged e2e time / this e2e time) in the same round")
-    print("| configuration | e2e speed-up vs today | e2e s (best) | setup s (round 1 / later) | "
-          "e2e / model-only | peak RSS MiB | max prob diff vs torch fp32 | mask agreement % |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for i, ((label, _be, _prec), cruns) in enumerate(zip(configs, runs, strict=True)):
-        ok = [r for r in cruns if "error" not in r]
-        if not ok:
-            print(f"| {label} | error: {cruns[-1]['error']} | | | | | | |")
-            continue
-        ratios = sorted(b / r["e2e_s"] for b, r in zip(base, cruns, strict=True) if b and "error" not in r)
-        best = min(r["e2e_s"] for r in ok)
-        model_ratio = min(r["model_scene_s"] / r["e2e_s"] for r in ok[-1:])  # the warm round
+          f"{os.cpu_count()} CPU cores; all configurations in ONE process (warm), whole predict_scene runs "
+          f"interleaved A B C ... for {args.rounds} rounds; speed-up = median over rounds of (unchanged e2e time "
+          f"/ this e2e time) in the same round; e2e / model-only = median over rounds of (model-only scene "
+          f"time, {args.sample} windows timed right after that run and scaled / e2e time)")
+    print("| configuration | e2e speed-up vs today | e2e s (median) | setup s (cold cache) | e2e / model-only | "
+          "max prob diff vs torch fp32 | mask agreement % |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for i, c in enumerate(configs):
+        e2e, model = res["e2e_s"][i], res["model_scene_s"][i]
+        ratios = sorted(b / t for b, t in zip(base, e2e, strict=True))
+        eff = sorted(m / t for m, t in zip(model, e2e, strict=True))
         prob, mask = read(i, "change_probability.tif"), read(i, "change_mask.tif")
         diff = float(np.nanmax(np.abs(prob.astype(np.float64) - ref_p)))
         agree = float(np.mean(mask == ref_m)) * 100
-        setups = " / ".join(f"{r['setup_s']:.1f}" for r in ok[:2])
-        print(f"| {label} | {ratios[len(ratios) // 2]:.2f} | {best:.1f} | {setups} | {model_ratio:.3f} | "
-              f"{max(r['peak_rss_mib'] for r in ok):.0f} | {diff:.1e} | {agree:.4f} |")
+        print(f"| {c['label']} | {ratios[len(ratios) // 2]:.2f} | {sorted(e2e)[len(e2e) // 2]:.1f} | "
+              f"{res['setup_s'][i]:.1f} | {eff[len(eff) // 2]:.3f} | {diff:.1e} | {agree:.4f} |")
 
 
 def main() -> None:

@@ -185,3 +185,17 @@ def test_cuda_batch_size_is_one_on_cpu():
     from cdmap.backends.torch_backend import cuda_batch_size
 
     assert cuda_batch_size(torch.device("cpu"), 256) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replay_matches_eager(ckpt, monkeypatch):
+    monkeypatch.setenv("CDMAP_CUDA_GRAPHS", "1")
+    a, b = _batch(2)
+    graphs = Predictor.from_checkpoint(ckpt, "cuda", "fp32", backend="torch")
+    assert graphs._graphs is not None
+    first = graphs.probability(a, b)
+    second = graphs.probability(b, a)  # a replay must not overwrite the first result
+    monkeypatch.setenv("CDMAP_CUDA_GRAPHS", "0")
+    eager = Predictor.from_checkpoint(ckpt, "cuda", "fp32", backend="torch")
+    assert (first - eager.probability(a, b)).abs().max() <= 1e-4
+    assert (second - eager.probability(b, a)).abs().max() <= 1e-4
