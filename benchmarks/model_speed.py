@@ -144,13 +144,14 @@ def _load() -> str:
 
 # ----- backends x precisions (--compare) -------------------------------------------------------------------------
 COMPARE = [
-    # label, backend, precision, torch variant ("+"-separated: nchw = today's contiguous layout, chunked)
+    # label, backend, precision, torch variant ("+"-separated: nchw = today's contiguous layout; chunked or
+    # sdpa = that STSAM attention instead of the predictor's choice)
     ("torch fp32 (today: eager, SDPA, NCHW)", "torch", "fp32", "nchw"),
     ("torch fp32 chunked attention, NCHW", "torch", "fp32", "nchw+chunked"),
     ("torch fp32 (now: channels_last, SDPA)", "torch", "fp32", ""),
-    ("torch bf16 autocast, NCHW", "torch", "bf16", "nchw"),
-    ("torch bf16 autocast (now: channels_last)", "torch", "bf16", ""),
-    ("torch bf16 autocast channels_last + chunked", "torch", "bf16", "chunked"),
+    ("torch bf16 autocast, NCHW, SDPA", "torch", "bf16", "nchw+sdpa"),
+    ("torch bf16 autocast channels_last, SDPA", "torch", "bf16", "sdpa"),
+    ("torch bf16 autocast (now: channels_last + chunked)", "torch", "bf16", ""),
     ("onnxruntime fp32", "onnxruntime", "fp32", ""),
     ("openvino fp32", "openvino", "fp32", ""),
     ("openvino bf16", "openvino", "bf16", ""),
@@ -215,9 +216,10 @@ def _predictor(cfg: dict, ckpt):
 
     pred = Predictor.from_checkpoint(ckpt, "cpu", cfg["precision"], backend=cfg["backend"])
     variant = set(cfg["variant"].split("+"))
-    if "chunked" in variant:
-        for block in pred.model.stsam:  # ModelConfig validates sdpa/explicit only: set the blocks directly
-            block.attention = "chunked"
+    for mode in ("chunked", "sdpa"):
+        if mode in variant:
+            for block in pred.model.stsam:  # ModelConfig validates sdpa/explicit only: set the blocks directly
+                block.attention = mode
     if "nchw" in variant:  # today's layout: contiguous weights and inputs
         for module in pred.model.modules():
             if isinstance(module, torch.nn.Conv2d):

@@ -85,7 +85,7 @@ class Predictor:
         self._dtype = autocast_dtype(self.precision)
         self._cuda = self.device.type == "cuda"
         self.channels_last = use_channels_last(self.device, owned=owns_model)
-        self.model = prepare_model(model, self.device, self.channels_last)
+        self.model = prepare_model(model, self.device, self.channels_last, self.precision, owned=owns_model)
         self._graphs = (CudaGraphForward(self.model, self.device, self._dtype, self.channels_last)
                         if owns_model and cuda_graphs_enabled(self.device) else None)
         self.requested_backend = backend

@@ -199,3 +199,13 @@ def test_cuda_graph_replay_matches_eager(ckpt, monkeypatch):
     eager = Predictor.from_checkpoint(ckpt, "cuda", "fp32", backend="torch")
     assert (first - eager.probability(a, b)).abs().max() <= 1e-4
     assert (second - eager.probability(b, a)).abs().max() <= 1e-4
+
+
+def test_checkpoint_predictor_bf16_on_cpu_uses_chunked_attention_live_model_untouched(ckpt):
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "bf16", backend="torch")
+    assert {b.attention for b in pred.model.stsam} == {"chunked"}
+    assert pred.model.head.block[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    live = ckpt.build_model("cpu")
+    Predictor(live, ckpt.mean, ckpt.std, "cpu", "bf16")
+    assert {b.attention for b in live.stsam} == {"sdpa"}
+    assert live.head.block[0][0].weight.is_contiguous()

@@ -103,12 +103,10 @@ class _ProbabilityGraph:
     def build(model: Any):
         import torch
 
-        from cdmap.models.blocks import STSAM
+        from cdmap.backends.torch_backend import set_attention
 
         net = copy.deepcopy(model).float().cpu().eval()
-        for module in net.modules():
-            if isinstance(module, STSAM):
-                module.attention = "chunked"
+        set_attention(net, "chunked")
 
         class Graph(torch.nn.Module):
             def __init__(self) -> None:

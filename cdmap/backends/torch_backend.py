@@ -29,6 +29,21 @@ def use_channels_last(device: Any, owned: bool = True) -> bool:
     return device.type == "cuda" or (CPU_CHANNELS_LAST and owned)
 
 
+# STSAM attention for a checkpoint network on CPU, per precision: in bf16 the unpadded chunked form runs its
+# bmm's on native bf16 dot products and measured 1.45x faster than SDPA (1.88x vs 1.30x over today's fp32,
+# benchmarks/RESULTS.md section 5); in fp32 it measured no faster (0.97-1.14x, within the noise), so SDPA stays.
+CPU_ATTENTION = {"bf16": "chunked"}
+
+
+def set_attention(model: Any, mode: str) -> None:
+    """Switch every STSAM block of ``model`` to ``mode`` (the config keeps its own value: it is a kernel choice)."""
+    from cdmap.models.blocks import STSAM
+
+    for module in model.modules():
+        if isinstance(module, STSAM):
+            module.attention = mode
+
+
 def cuda_graphs_enabled(device: Any) -> bool:
     import os
 
@@ -45,10 +60,14 @@ def to_channels_last(model: Any) -> Any:
     return model
 
 
-def prepare_model(model: Any, device: Any, channels_last: bool | None = None) -> Any:
-    """The network ready for inference on ``device`` (channels_last on CUDA, where cuDNN prefers NHWC)."""
+def prepare_model(model: Any, device: Any, channels_last: bool | None = None, precision: str | None = None,
+                  owned: bool = False) -> Any:
+    """The network ready for inference on ``device`` (channels_last on CUDA, where cuDNN prefers NHWC; on CPU
+    a network the predictor owns also gets the attention kernel measured fastest for ``precision``)."""
     if use_channels_last(device) if channels_last is None else channels_last:
         model = to_channels_last(model)
+    if owned and device.type == "cpu" and precision in CPU_ATTENTION:
+        set_attention(model, CPU_ATTENTION[precision])
     return model
 
 
