@@ -7,6 +7,15 @@ Every configuration runs in a fresh subprocess so that peak memory is its own: o
     python benchmarks/model_speed.py                 # tiles 256 and 512, fp32 and bf16, CPU (+ CUDA if present)
     python benchmarks/model_speed.py --quick         # tile 256 only, fewer repeats
     python benchmarks/model_speed.py --backward      # time a training step (forward + backward) instead
+
+Backends (``--compare``): every backend x precision of :class:`cdmap.inference.Predictor` against today's
+torch fp32 path (eager, SDPA attention) in one run, configurations interleaved round by round, each in a fresh
+process: speed-up (median over rounds of the per-round ratio of best times), setup time (first call: export +
+compile + check, cold and warm cache), peak memory, max P(change) difference and mask agreement with the torch
+fp32 result, F1 on held-out labelled pairs, and achieved FLOP/s (``torch.utils.flop_counter``, attention
+counted at its true C/8 width) as a fraction of the CPU's peak::
+
+    python benchmarks/model_speed.py --compare --model best.pt --data VAL_FOLDER --threads 1 --rounds 3
 """
 
 from __future__ import annotations
@@ -133,6 +142,297 @@ def _load() -> str:
         return "?"
 
 
+# ----- backends x precisions (--compare) -------------------------------------------------------------------------
+COMPARE = [
+    # label, backend, precision, torch variant ("+"-separated: nchw = today's contiguous layout; chunked or
+    # sdpa = that STSAM attention instead of the predictor's choice)
+    ("torch fp32 (today: eager, SDPA, NCHW)", "torch", "fp32", "nchw"),
+    ("torch fp32 chunked attention, NCHW", "torch", "fp32", "nchw+chunked"),
+    ("torch fp32 (now: channels_last, SDPA)", "torch", "fp32", ""),
+    ("torch bf16 autocast, NCHW, SDPA", "torch", "bf16", "nchw+sdpa"),
+    ("torch bf16 autocast channels_last, SDPA", "torch", "bf16", "sdpa"),
+    ("torch bf16 autocast (now: channels_last + chunked)", "torch", "bf16", ""),
+    ("onnxruntime fp32", "onnxruntime", "fp32", ""),
+    ("openvino fp32", "openvino", "fp32", ""),
+    ("openvino bf16", "openvino", "bf16", ""),
+    ("auto fp32", "auto", "fp32", ""),
+]
+
+
+def load_eval_pairs(folder: Path | None, tile: int, count: int, ckpt) -> tuple[list, list, list, list]:
+    """Normalised (a, b) float32 (C, tile, tile) pairs, labels and names: real pairs from ``folder``
+    (``A/``, ``B/``, ``label/``), cropped/padded to ``tile``, else ``count`` seeded random pairs."""
+    import numpy as np
+
+    from cdmap.inference import Normalisation
+
+    norm = Normalisation.of(ckpt.mean, ckpt.std)
+    if folder is None:
+        rng = np.random.default_rng(0)
+        out = []
+        for _ in range(count):
+            a = rng.uniform(0, 255, (ckpt.in_channels, tile, tile)).astype(np.float32)
+            b = np.clip(a + rng.normal(0, 40, a.shape), 0, 255).astype(np.float32)
+            out.append((norm.apply(a, None), norm.apply(b, None)))
+        return [o[0] for o in out], [o[1] for o in out], [None] * count, [f"random{i}" for i in range(count)]
+    from cdmap.train.data import find_pairs, read_image, read_label
+
+    xa, xb, labels, names = [], [], [], []
+    for pair in find_pairs(folder):
+        a, inv_a = read_image(pair.a)
+        b, inv_b = read_image(pair.b)
+        lab = read_label(pair.label)
+        a, b, lab = (np.asarray(x)[..., :tile, :tile] for x in (a, b, lab))
+        if a.shape[-2:] != (tile, tile):
+            continue
+        valid = ~(inv_a | inv_b)[:tile, :tile]
+        xa.append(norm.apply(a, valid))
+        xb.append(norm.apply(b, valid))
+        labels.append(lab)
+        names.append(pair.name)
+    return xa, xb, labels, names
+
+
+def _checkpoint(path: str | None, tile: int):
+    import torch
+
+    from cdmap.checkpoint import Checkpoint, load_checkpoint
+    from cdmap.models import FSGNet, ModelConfig
+
+    if path:
+        return load_checkpoint(path)
+    torch.manual_seed(0)
+    model = FSGNet(ModelConfig())
+    with torch.no_grad():
+        for block in model.stsam:
+            block.cross.gamma.fill_(0.5)
+    return Checkpoint(ModelConfig(), model.state_dict(), [110.0] * 3, [50.0] * 3, tile_size=tile)
+
+
+def _predictor(cfg: dict, ckpt):
+    import torch
+
+    from cdmap.inference import Predictor
+
+    pred = Predictor.from_checkpoint(ckpt, "cpu", cfg["precision"], backend=cfg["backend"])
+    variant = set(cfg["variant"].split("+"))
+    for mode in ("chunked", "sdpa"):
+        if mode in variant:
+            for block in pred.model.stsam:  # ModelConfig validates sdpa/explicit only: set the blocks directly
+                block.attention = mode
+    if "nchw" in variant:  # today's layout: contiguous weights and inputs
+        for module in pred.model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous()
+        pred.channels_last = False
+    return pred
+
+
+def _timing_batch(cfg: dict, ckpt):
+    import numpy as np
+
+    xa, xb, _, _ = load_eval_pairs(Path(cfg["data"]) if cfg["data"] else None, cfg["tile"], cfg["batch"], ckpt)
+    n = cfg["batch"]
+    reps = (n + len(xa) - 1) // len(xa)
+    return xa, xb, np.stack((xa * reps)[:n]), np.stack((xb * reps)[:n])
+
+
+def compare_worker(cfg: dict) -> dict:
+    """One backend x precision in a fresh process: setup (first call), peak memory, probabilities to
+    ``cfg['out']``."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    os.environ["CDMAP_CACHE_DIR"] = cfg["cache"]
+    torch.set_num_threads(cfg["threads"])
+    ckpt = _checkpoint(cfg["model"], cfg["tile"])
+    xa, xb, ta, tb = _timing_batch(cfg, ckpt)
+    base = _proc_status_kib("VmRSS") * 1024
+    t0 = time.perf_counter()
+    pred = _predictor(cfg, ckpt)
+    pred.probability(ta, tb)
+    first_s = time.perf_counter() - t0
+    for _ in range(cfg["warmup"]):
+        pred.probability(ta, tb)
+    peak = _proc_status_kib("VmHWM") * 1024 - base
+    probs = [pred.probability(a, b).numpy()[0] for a, b in zip(xa, xb, strict=True)]
+    np.save(cfg["out"], np.stack(probs).astype(np.float32))
+    return {**cfg, "first_call_s": first_s, "setup_s": pred.setup_s, "backend_used": pred.backend,
+            "peak_mib": peak / 2**20}
+
+
+def timing_worker(cfgs: list[dict]) -> dict:
+    """All configurations in ONE process, calls interleaved A B C A B C ... (warm cache): per-round times."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    os.environ["CDMAP_CACHE_DIR"] = cfgs[0]["cache"]
+    torch.set_num_threads(cfgs[0]["threads"])
+    ckpt = _checkpoint(cfgs[0]["model"], cfgs[0]["tile"])
+    _, _, ta, tb = _timing_batch(cfgs[0], ckpt)
+    preds = [_predictor(c, ckpt) for c in cfgs]
+    for p in preds:
+        for _ in range(1 + cfgs[0]["warmup"]):
+            p.probability(ta, tb)
+    times: list[list[float]] = [[] for _ in preds]
+    for _ in range(cfgs[0]["repeats"]):
+        for p, acc in zip(preds, times, strict=True):
+            t = time.perf_counter()
+            p.probability(ta, tb)
+            acc.append(time.perf_counter() - t)
+    return {"times_s": times, "ran": [p.backend for p in preds]}
+
+
+def _f1(prob, label, threshold: float) -> float:
+    import numpy as np
+
+    keep = label <= 1
+    pred, lab = (prob >= threshold)[keep], label[keep] == 1
+    tp = float(np.sum(pred & lab))
+    fp, fn = float(np.sum(pred & ~lab)), float(np.sum(~pred & lab))
+    return 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0
+
+
+def count_flops(tile: int, batch: int) -> float:
+    """Forward FLOPs of FSG-Net (attention at its true C/8 width: chunked mode) for one batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cdmap.models import FSGNet, ModelConfig
+
+    model = FSGNet(ModelConfig()).eval()
+    for block in model.stsam:
+        block.attention = "chunked"
+    a = torch.zeros(batch, 3, tile, tile)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(a, a)
+    return float(counter.get_total_flops())
+
+
+def measure_peak_gflops(threads: int) -> dict:
+    """Best sgemm / bf16 gemm rate of this CPU with ``threads`` threads (a practical peak)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+        a @ b
+        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(5))
+        out[name] = 2 * 2048**3 / best / 1e9
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def compare_main(args) -> int:
+    import tempfile
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from cdmap import backends
+
+    tile, batch = args.tiles[0], args.batch_size
+    work = Path(tempfile.mkdtemp(prefix="cdmap-compare-"))
+    cache = Path(args.cache) if args.cache else work / "cache"  # cold cache: the first round pays the export
+    configs = [dict(label=label, backend=be, precision=prec, variant=var, tile=tile, batch=batch,
+                    threads=args.threads or 1, repeats=args.repeats, warmup=args.warmup, model=args.model,
+                    data=str(args.data) if args.data else None, cache=str(cache))
+               for label, be, prec, var in COMPARE if be in ("torch", "auto") or backends.installed(be)]
+    print(f"# load average before: {_load()}  (os.cpu_count()={os.cpu_count()}); installed: {backends.available()}")
+    peaks = [measure_peak_gflops(args.threads or 1)]
+    setups: list[list[dict]] = [[] for _ in configs]
+    for round_no in range(2):  # round 1: cold cache (export), round 2: warm
+        for i, cfg in enumerate(configs):
+            r = _spawn_compare({**cfg, "out": str(work / f"prob{i}_{round_no}.npy")}, args.timeout)
+            setups[i].append(r)
+            msg = r.get("error") or f"first call {r['first_call_s']:.1f} s, ran {r['backend_used']}"
+            print(f"  setup {round_no + 1}: {cfg['label']}: {msg}, load {_load()}", file=sys.stderr)
+    good = [i for i, s in enumerate(setups) if all("error" not in r for r in s)]
+    timing = _spawn_compare([{**configs[i], "repeats": args.repeats * args.rounds} for i in good], args.timeout,
+                            worker="--timing-worker")
+    if "error" in timing:
+        print(f"timing run failed: {timing['error']}", file=sys.stderr)
+        return 1
+    peaks.append(measure_peak_gflops(args.threads or 1))
+    peak = {k: max(p[k] for p in peaks) for k in peaks[0]}
+    times = {i: t for i, t in zip(good, timing["times_s"], strict=True)}
+    ckpt = _checkpoint(args.model, tile)
+    _, _, labels, names = load_eval_pairs(args.data, tile, batch, ckpt)
+    threshold = float(ckpt.threshold)
+    ref = np.load(work / "prob0_0.npy")
+    flops = count_flops(tile, batch)
+    print(f"# load average after: {_load()}")
+    print(f"# FSG-Net {ckpt.model_config.backbone}, tile {tile}, batch {batch}, {args.threads or 1} thread(s); speed: "
+          f"all configurations in one process, calls interleaved, {args.repeats * args.rounds} rounds after warm-up, "
+          f"speed-up = median over rounds of (torch fp32 time / this time) in the same round; setup and peak memory: "
+          f"a fresh process each, cold cache then warm; {len(names)} eval pairs "
+          f"({'real' if args.data else 'random'}), mask threshold {threshold:.4f}")
+    print(f"# forward FLOPs per batch {flops / 1e9:.2f} G (torch.utils.flop_counter, attention at its true width); "
+          f"gemm peak (best 2048^3 matmul, {args.threads or 1} thread(s)) {peak['fp32']:.0f} GFLOP/s fp32, "
+          f"{peak['bf16']:.0f} GFLOP/s bf16")
+    print()
+    print("| configuration | ran | speed-up vs torch fp32 | median ms | first call s (cold / warm cache) | "
+          "peak MiB | max prob diff | mask agreement % | F1 | max abs dF1 (all, per data set) | % of gemm peak |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    subsets = {"all": list(range(len(names)))}
+    for prefix in sorted({n.split("_")[0] for n in names}):
+        subsets[prefix] = [i for i, n in enumerate(names) if n.split("_")[0] == prefix]
+    ref_f1 = {k: _f1(ref[idx], np.stack([labels[i] for i in idx]), threshold)
+              for k, idx in subsets.items()} if labels and labels[0] is not None else {}
+    rows = []
+    for i, cfg in enumerate(configs):
+        if i not in times:
+            err = next((r["error"] for r in setups[i] if "error" in r), "?")
+            print(f"| {cfg['label']} | error: {err} | | | | | | | | | |")
+            continue
+        ratios = sorted(b / t for b, t in zip(times[0], times[i], strict=True))
+        med = sorted(times[i])[len(times[i]) // 2]
+        prob = np.load(work / f"prob{i}_0.npy")
+        diff = float(np.abs(prob - ref).max())
+        agree = float(np.mean((prob >= threshold) == (ref >= threshold))) * 100
+        f1s = {k: _f1(prob[idx], np.stack([labels[j] for j in idx]), threshold)
+               for k, idx in subsets.items()} if ref_f1 else {}
+        d_f1 = max((abs(f1s[k] - ref_f1[k]) for k in f1s), default=float("nan"))
+        prec_peak = peak["bf16"] if cfg["precision"] == "bf16" else peak["fp32"]
+        firsts = " / ".join(f"{r['first_call_s']:.1f}" for r in setups[i])
+        row = dict(cfg, speedup=ratios[len(ratios) // 2], median_s=med, diff=diff, agree=agree,
+                   f1=f1s.get("all", float("nan")), d_f1=d_f1, frac_peak=flops / med / 1e9 / prec_peak,
+                   peak_mib=max(r["peak_mib"] for r in setups[i]), first=firsts,
+                   ran=timing["ran"][good.index(i)], f1s=f1s)
+        rows.append(row)
+        print(f"| {cfg['label']} | {row['ran']} | {row['speedup']:.2f} | {med * 1e3:.0f} | {firsts} | "
+              f"{row['peak_mib']:.0f} | {diff:.1e} | {agree:.3f} | {row['f1']:.4f} | {d_f1:.4f} | "
+              f"{row['frac_peak'] * 100:.0f} |")
+    if ref_f1:
+        print()
+        print("F1 of torch fp32 per subset: " + ", ".join(f"{k} {v:.4f}" for k, v in ref_f1.items()))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "flops": flops, "peak_gflops": peak}, indent=2, default=str))
+    return 0
+
+
+def _spawn_compare(cfg: dict | list, timeout: float, worker: str = "--compare-worker") -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), worker, json.dumps(cfg)]
+    first = cfg[0] if isinstance(cfg, list) else cfg
+    env = dict(os.environ, OMP_NUM_THREADS=str(first["threads"]))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": tail[:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiles", type=int, nargs="+", default=[256, 512])
@@ -151,12 +451,28 @@ def main(argv: list[str] | None = None) -> int:
                         "use >1 on a shared machine")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     p.add_argument("--json", type=Path, default=None, help="also write all results to this file")
+    p.add_argument("--compare", action="store_true",
+                   help="every backend x precision against today's torch fp32 path (first --tiles value)")
+    p.add_argument("--model", default=None, help="--compare: checkpoint (default: random weights)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="--compare: folder with A/, B/, label/ of held-out pairs (default: random inputs)")
+    p.add_argument("--cache", default=None, help="--compare: export cache (default: a fresh, cold one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--compare-worker", help=argparse.SUPPRESS)
+    p.add_argument("--timing-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         print(json.dumps(run_one(json.loads(args.worker))))
         return 0
+    if args.compare_worker:
+        print(json.dumps(compare_worker(json.loads(args.compare_worker))))
+        return 0
+    if args.timing_worker:
+        print(json.dumps(timing_worker(json.loads(args.timing_worker))))
+        return 0
+    if args.compare:
+        return compare_main(args)
     if args.quick:
         args.tiles, args.warmup, args.repeats = [256], 1, 2
     devices = args.devices or (["cpu", "cuda"] if _cuda_available() else ["cpu"])

@@ -11,6 +11,18 @@ Three figures, measured in one run on the same machine:
   * naive baseline: the whole scene read into memory, one window at a time, plain averaging of the
     overlapping predictions (what most peers do); MPix/s and peak RSS in a fresh subprocess.
 Ratios printed: end-to-end / model-only (goal >= 0.9 on CPU) and end-to-end / naive.
+
+Backends (``--backends``): every backend x precision of :class:`cdmap.inference.Predictor` end to end, in
+one run, configurations interleaved round by round, each in a fresh process, against today's unchanged
+``cdmap predict`` (torch fp32). ``predict_scene`` has no backend option yet, so the driver runs the real
+``cdmap.predict.predict_scene`` (reads, blending, rasters, polygons, run.json) with the network replaced by a
+shim that calls ``Predictor.probability`` of the chosen backend/precision (returning log-probabilities, so
+predict's softmax gives back the same P(change)). Printed per configuration: end-to-end speed-up, setup
+(export/compile/check, cold cache), end-to-end / model-only in the same process, and max P(change) difference
+and change-mask agreement with the torch fp32 run (float32 probability output). All configurations run in one
+process, whole runs interleaved round by round, so a shared machine's load drifts hit them alike::
+
+    python benchmarks/predict_scene.py --size 1024 --backends --model best.pt --threads 1 --rounds 5
 """
 
 from __future__ import annotations
@@ -110,6 +122,134 @@ print(json.dumps({"seconds": dt, "peak_rss_mib": resource.getrusage(resource.RUS
 """
 
 
+DRIVER = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+cfg = json.loads(sys.argv[2])
+os.environ["CDMAP_CACHE_DIR"] = cfg["cache"]
+import numpy as np, torch
+torch.set_num_threads(cfg["threads"])
+from cdmap.checkpoint import Checkpoint, load_checkpoint
+from cdmap.inference import Predictor
+from cdmap.predict import predict_scene
+ckpt = load_checkpoint(cfg["model"])
+tile, bsz = cfg["tile"], cfg["batch"]
+z = np.zeros((bsz, ckpt.in_channels, tile, tile), np.float32)
+rng = np.random.default_rng(0)
+xa = rng.standard_normal(z.shape, dtype=np.float32)
+xb = rng.standard_normal(z.shape, dtype=np.float32)
+original_build = Checkpoint.build_model
+current = {}
+
+class Shim(torch.nn.Module):
+    def forward(self, a, b):
+        p = current["pred"].probability(a, b).clamp(1e-7, 1 - 1e-7)
+        return torch.stack((torch.log1p(-p), torch.log(p)), dim=1)
+
+preds, setup = [], []
+for c in cfg["configs"]:
+    if c["backend"] == "unchanged":
+        preds.append(None)
+        setup.append(0.0)
+        continue
+    t0 = time.perf_counter()
+    pred = Predictor.from_checkpoint(ckpt, "cpu", c["precision"], backend=c["backend"])
+    pred.probability(z, z)  # export / compile / check for the tile shape (cold cache: this run pays it)
+    setup.append(time.perf_counter() - t0)
+    preds.append(pred)
+
+def unchanged_model(a, b, net=[]):
+    if not net:
+        net.append(original_build(ckpt, "cpu"))
+    with torch.inference_mode():
+        return torch.softmax(net[0](torch.from_numpy(a), torch.from_numpy(b)), 1)[:, 1]
+
+e2e = [[] for _ in preds]
+model = [[] for _ in preds]
+for rnd in range(cfg["rounds"]):
+    for i, (c, pred) in enumerate(zip(cfg["configs"], preds)):
+        kw = dict(tile_size=tile, overlap=cfg["overlap"], batch_size=bsz, device="cpu", overwrite=True, quiet=True,
+                  prob_dtype="float32", workers=cfg["workers"])
+        if pred is None:
+            Checkpoint.build_model = original_build
+            kw["precision"] = c["precision"]
+            run = unchanged_model
+        else:
+            current["pred"] = pred
+            Checkpoint.build_model = lambda self, device=None: Shim()
+            kw["precision"] = "fp32"  # the predictor applies its precision itself
+            run = pred.probability
+        t = time.perf_counter()
+        predict_scene(cfg["before"], cfg["after"], os.path.join(cfg["work"], f"out{i}"), cfg["model"], **kw)
+        e2e[i].append(time.perf_counter() - t)
+        run(xa, xb)
+        t = time.perf_counter()
+        for _ in range(max(1, cfg["sample"] // bsz)):
+            run(xa, xb)
+        model[i].append((time.perf_counter() - t) / (max(1, cfg["sample"] // bsz) * bsz) * cfg["windows"])
+        print(f"  round {rnd + 1}: {c['label']}: e2e {e2e[i][-1]:.1f} s, model-only {model[i][-1]:.1f} s",
+              file=sys.stderr, flush=True)
+print(json.dumps({"e2e_s": e2e, "model_scene_s": model, "setup_s": setup}))
+"""
+
+BACKEND_CONFIGS = [
+    ("cdmap predict unchanged (torch fp32, today)", "unchanged", "fp32"),
+    ("Predictor torch fp32 (channels_last)", "torch", "fp32"),
+    ("Predictor torch bf16", "torch", "bf16"),
+    ("Predictor onnxruntime fp32", "onnxruntime", "fp32"),
+    ("Predictor openvino fp32", "openvino", "fp32"),
+    ("Predictor openvino bf16", "openvino", "bf16"),
+    ("Predictor auto fp32", "auto", "fp32"),
+]
+
+
+def backends_main(args, before: Path, after: Path, work: Path, source: str, overlap: int) -> None:
+    import numpy as np
+    import rasterio
+
+    from cdmap import backends
+    from cdmap.tiling import WindowGrid
+
+    if args.model is None:
+        raise SystemExit("--backends needs --model (a trained checkpoint: the masks are compared)")
+    grid = WindowGrid(args.size, args.size, args.tile, overlap)
+    configs = [dict(label=label, backend=be, precision=prec) for label, be, prec in BACKEND_CONFIGS
+               if be in ("unchanged", "torch", "auto") or backends.installed(be)]
+    cfg = dict(configs=configs, model=str(args.model), tile=args.tile, overlap=overlap, batch=args.batch_size,
+               threads=args.threads, workers=args.workers, cache=str(work / "cache"), before=str(before),
+               after=str(after), work=str(work), sample=args.sample, windows=len(grid), rounds=args.rounds)
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS=str(args.threads))
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(HERE.parent), json.dumps(cfg)], stdout=subprocess.PIPE,
+                          text=True, env=env, check=True)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def read(i: int, name: str) -> np.ndarray:
+        with rasterio.open(work / f"out{i}" / name) as src:
+            return src.read(1)
+
+    ref_i = 0  # today's unchanged torch fp32 run
+    ref_p, ref_m = read(ref_i, "change_probability.tif"), read(ref_i, "change_mask.tif")
+    base = res["e2e_s"][0]
+    print(f"\nscene {args.size}x{args.size} ({source}), tile {args.tile}, overlap {overlap}, batch {args.batch_size}, "
+          f"{len(grid)} windows, {args.threads} torch/backend thread(s), {args.workers} reader thread(s), "
+          f"{os.cpu_count()} CPU cores; all configurations in ONE process (warm), whole predict_scene runs "
+          f"interleaved A B C ... for {args.rounds} rounds; speed-up = median over rounds of (unchanged e2e time "
+          f"/ this e2e time) in the same round; e2e / model-only = median over rounds of (model-only scene "
+          f"time, {args.sample} windows timed right after that run and scaled / e2e time)")
+    print("| configuration | e2e speed-up vs today | e2e s (median) | setup s (cold cache) | e2e / model-only | "
+          "max prob diff vs torch fp32 | mask agreement % |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for i, c in enumerate(configs):
+        e2e, model = res["e2e_s"][i], res["model_scene_s"][i]
+        ratios = sorted(b / t for b, t in zip(base, e2e, strict=True))
+        eff = sorted(m / t for m, t in zip(model, e2e, strict=True))
+        prob, mask = read(i, "change_probability.tif"), read(i, "change_mask.tif")
+        diff = float(np.nanmax(np.abs(prob.astype(np.float64) - ref_p)))
+        agree = float(np.mean(mask == ref_m)) * 100
+        print(f"| {c['label']} | {ratios[len(ratios) // 2]:.2f} | {sorted(e2e)[len(e2e) // 2]:.1f} | "
+              f"{res['setup_s'][i]:.1f} | {eff[len(eff) // 2]:.3f} | {diff:.1e} | {agree:.4f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=8192, help="scene side in pixels (>= 8192 for the record)")
@@ -123,6 +263,11 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="small sample for a smoke run")
+    ap.add_argument("--backends", action="store_true",
+                    help="every backend x precision end to end through Predictor (needs --model)")
+    ap.add_argument("--threads", type=int, default=1, help="--backends: torch/backend threads")
+    ap.add_argument("--workers", type=int, default=2, help="--backends: reader threads")
+    ap.add_argument("--rounds", type=int, default=2, help="--backends: interleaved rounds")
     args = ap.parse_args()
 
     from cdmap.predict import default_overlap
@@ -133,6 +278,9 @@ def main() -> None:
     t = time.perf_counter()
     before, after, source = __import__("_scenes").build_scene(work / "scene", args.size)
     print(f"scene {args.size}x{args.size} from {source} built in {time.perf_counter() - t:.1f} s", flush=True)
+    if args.backends:
+        backends_main(args, before, after, work, source, overlap)
+        return
     ckpt = args.model or make_checkpoint(work / "bench.pt", args.tile)
     grid = WindowGrid(args.size, args.size, args.tile, overlap)
     mpix = args.size * args.size / 1e6

@@ -67,15 +67,29 @@ def check_finite_output(prob: np.ndarray, source: Any) -> None:
 
 
 class Predictor:
-    """A network, its normalisation, a device and a precision: ``prepare`` then ``probability``.
+    """A network, its normalisation, a device, a precision and a backend: ``prepare`` then ``probability``.
 
-    Build it from a checkpoint with :meth:`from_checkpoint`, or around a network being trained (validation).
+    Build it from a checkpoint with :meth:`from_checkpoint` (backend ``auto`` by default), or around a network
+    being trained (validation: always plain torch on the live model).
+
+    ``backend`` is one of :data:`cdmap.backends.BACKENDS`. A non-torch backend runs the network exported to
+    ONNX (cached per checkpoint, band count and tile shape, built on the first batch of each shape) on the
+    CPU; if it cannot be used (not installed, export fails, precision not supported, result not
+    fp32-equivalent) the predictor logs one line and runs torch. :attr:`backend` names what runs now.
     """
 
     def __init__(self, model: torch.nn.Module, mean: Sequence[float], std: Sequence[float],
-                 device: Any = "auto", precision: str = "auto") -> None:
+                 device: Any = "auto", precision: str = "auto", backend: str = "torch",
+                 model_hash: str | None = None, owns_model: bool = False) -> None:
         import torch
 
+        from cdmap.backends import choose
+        from cdmap.backends.torch_backend import (
+            CudaGraphForward,
+            cuda_graphs_enabled,
+            prepare_model,
+            use_channels_last,
+        )
         from cdmap.device import autocast_dtype, resolve_device, resolve_precision
 
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -83,54 +97,97 @@ class Predictor:
         self.normalisation = Normalisation.of(mean, std)
         self._dtype = autocast_dtype(self.precision)
         self._cuda = self.device.type == "cuda"
-        self.model = model
         self.source: Any = None  # the checkpoint file, named when the network misbehaves
-        if self._cuda:
-            self.model = model.to(memory_format=torch.channels_last)
+        self.channels_last = use_channels_last(self.device, owned=owns_model)
+        self.model = prepare_model(model, self.device, self.channels_last, self.precision, owned=owns_model)
+        self._graphs = (CudaGraphForward(self.model, self.device, self._dtype, self.channels_last)
+                        if owns_model and cuda_graphs_enabled(self.device) else None)
+        self.requested_backend = backend
+        self.backend = choose(backend, self.device, self.precision)
+        self._model_hash = model_hash
+        self._runners: dict[tuple[int, ...], Any] = {}
+        self.setup_s = 0.0  # export/compile time spent by non-torch backends so far
+        if self.backend != "torch" and self._cuda:
+            self._fall_back(f"{self.backend} runs on the CPU only here and the device is {self.device}")
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, device: Any = "auto", precision: str = "auto") -> Predictor:
-        """The checkpoint's network in eval mode on ``device`` with the checkpoint's normalisation."""
+    def from_checkpoint(cls, ckpt: Checkpoint, device: Any = "auto", precision: str = "auto",
+                        backend: str = "auto") -> Predictor:
+        """The checkpoint's network in eval mode on ``device`` with the checkpoint's normalisation.
+
+        ``backend``: ``auto`` (the fastest installed fp32-equivalent backend on this device), ``torch``,
+        ``onnxruntime`` or ``openvino``.
+        """
+        from cdmap.backends import validate
         from cdmap.device import resolve_device
 
+        backend = validate(backend)
         dev = resolve_device(device) if isinstance(device, str) or device is None else device
-        predictor = cls(ckpt.build_model(str(dev)), ckpt.mean, ckpt.std, dev, precision)
+        model = ckpt.build_model(str(dev))
+        model_hash = None
+        if backend != "torch":
+            from cdmap.backends.export import model_sha256
+
+            model_hash = model_sha256(model, ckpt)
+        predictor = cls(model, ckpt.mean, ckpt.std, dev, precision, backend=backend, model_hash=model_hash,
+                        owns_model=True)
         predictor.source = ckpt.source
         return predictor
+
+    def _fall_back(self, reason: str) -> None:
+        import logging
+
+        logging.getLogger("cdmap").warning("backend %s not used (%s); running torch %s",
+                                           self.backend, reason, self.precision)
+        self.backend = "torch"
+        self._runners.clear()
+
+    def _runner(self, shape: tuple[int, ...]) -> Any:
+        """The exported-graph runner for inputs of ``shape`` (N, C, H, W), or None for torch."""
+        if self.backend == "torch":
+            return None
+        key = tuple(shape[1:])
+        if key not in self._runners:
+            import torch
+
+            from cdmap.backends.runner import build_runner
+
+            if self._model_hash is None:
+                from cdmap.backends.export import model_sha256
+
+                self._model_hash = model_sha256(self.model)
+            try:
+                built = build_runner(self.backend, self.model, self._model_hash, key[0], key[1], key[2],
+                                     self.precision, torch.get_num_threads())
+            except Exception as exc:  # noqa: BLE001 - any failure means: run torch
+                self._fall_back(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+                return None
+            self.setup_s += built.setup_s
+            self._runners[key] = built
+        return self._runners[key].runner
 
     def prepare(self, a: np.ndarray, b: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Normalise both dates ``(C, H, W)`` and zero the pixels that are not valid in both."""
         n = self.normalisation
         return n.apply(a, valid), n.apply(b, valid)
 
-    def _to_device(self, x: Any) -> torch.Tensor:
-        import torch
-
-        t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
-        if t.dim() == 3:
-            t = t[None]
-        if self._cuda:
-            if t.device.type == "cpu":
-                t = t.pin_memory()
-            t = t.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        elif t.device != self.device:
-            t = t.to(self.device)
-        return t
-
     def probability(self, a: Any, b: Any) -> torch.Tensor:
         """P(change) ``(N, H, W)`` float32 on the device for prepared batches (numpy or tensors, 3-D or 4-D)."""
         import torch
 
-        xa, xb = self._to_device(a), self._to_device(b)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._dtype or torch.float32,
-                                                        enabled=self._dtype is not None):
-                logits = self.model(xa, xb)
-            return torch.softmax(logits.float(), dim=1)[:, 1]
-        finally:
-            self.model.train(was_training)
+        from cdmap.backends.torch_backend import forward_probability, to_device
+
+        if self.backend != "torch":
+            xa, xb = _host_batch(a), _host_batch(b)
+            runner = self._runner(xa.shape)
+            if runner is not None:
+                if xa.shape != xb.shape:
+                    raise ValueError(f"the two dates must have the same shape, got {xa.shape} and {xb.shape}")
+                return torch.from_numpy(runner.run(xa, xb))
+        xa, xb = to_device(a, self.device, self.channels_last), to_device(b, self.device, self.channels_last)
+        if self._graphs is not None:
+            return self._graphs(xa, xb).clone()  # the graph output buffer is reused by the next replay
+        return forward_probability(self.model, xa, xb, self.device, self._dtype)
 
     def launch(self, a: np.ndarray, b: np.ndarray) -> PendingProbability:
         """Start :meth:`probability` on a batch; on CUDA the result is copied to pinned host memory without
@@ -146,6 +203,19 @@ class Predictor:
         event.record()
         return PendingProbability(out, event, self.source)
 
+    def suggested_batch_size(self, tile: int) -> int | None:
+        """On CUDA, a batch size whose forward fits the free device memory; None on CPU (keep the user's)."""
+        if not self._cuda:
+            return None
+        from cdmap.backends.torch_backend import cuda_batch_size
+
+        return cuda_batch_size(self.device, tile, self.precision)
+
+    def describe(self) -> dict[str, Any]:
+        """What runs: backend, precision, device and the setup (export/compile) seconds spent."""
+        return {"backend": self.backend, "requested_backend": self.requested_backend,
+                "precision": self.precision, "device": str(self.device), "setup_s": round(self.setup_s, 3)}
+
     def peak_memory_mib(self) -> float | None:
         """Peak device memory allocated so far (CUDA only)."""
         if not self._cuda:
@@ -153,3 +223,12 @@ class Predictor:
         import torch
 
         return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+
+def _host_batch(x: Any) -> np.ndarray:
+    """A C-contiguous float32 ``(N, C, H, W)`` numpy array from numpy or a (CPU) tensor, 3-D or 4-D."""
+    if not isinstance(x, np.ndarray):
+        x = x.detach().cpu().numpy()
+    if x.ndim == 3:
+        x = x[None]
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -175,3 +175,15 @@ def test_dropblock_identity_in_eval_and_at_zero():
     drop.drop_prob = 0.0
     oa, ob = drop(a, b)
     assert oa is a and ob is b
+
+
+@pytest.mark.parametrize(("c", "chunk"), [(64, 7), (64, 1000), (128, 32)])
+def test_stsam_chunked_equals_explicit(c, chunk, monkeypatch):
+    """The unpadded chunked attention (any block size, also one not dividing N) gives the reference result."""
+    monkeypatch.setattr("cdmap.models.blocks.ATTENTION_CHUNK", chunk)
+    sdpa, explicit = _stsam_pair(c)
+    sdpa.attention = "chunked"
+    f1, f2 = _pair(c, 12, 10)
+    with torch.no_grad():
+        for a, b in zip(sdpa(f1, f2), explicit(f1, f2), strict=True):
+            assert (a - b).abs().max() <= 1e-5

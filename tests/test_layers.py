@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
      "cdmap.synthetic"),
     ("cdmap.raster", "cdmap.tiling", "cdmap.models", "cdmap.labels"),
     ("cdmap.checkpoint",),
+    ("cdmap.backends",),
     ("cdmap.inference",),
     ("cdmap.data", "cdmap.vector"),
     ("cdmap.predict",),

@@ -67,7 +67,7 @@ def _digest(*paths: Path) -> str:
 
 def _predict_args(w, out, *extra):
     return ["predict", w["before"], w["after"], "-o", out, "--model", w["ckpt"], "--tile-size", "32", "--overlap",
-            "8", "--batch-size", "2", "-q", *extra]
+            "8", "--batch-size", "2", "--threshold", "0.999", "-q", *extra]
 
 
 def _subprocess(argv, env_extra=None, **kw):
@@ -174,7 +174,7 @@ def test_resume_refuses_an_input_rewritten_with_the_same_size_and_mtime(capfd, t
     before.write_bytes(bytes(raw))
     os.utime(before, ns=(st.st_atime_ns, st.st_mtime_ns))
     res = cli(capfd, "predict", before, *_predict_args(world, out)[2:], "--resume")
-    assert_error(res, EXIT_RESUME, "inputs_content", outdir=out)
+    assert_error(res, EXIT_RESUME, "inputs[before].content", outdir=out)
 
 
 @pytest.mark.parametrize("damage", ["line", "strip"])

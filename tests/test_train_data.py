@@ -652,7 +652,7 @@ def test_tiles_skip_nodata_and_errors(tmp_path, make_pair, make_geotiff):
     with pytest.raises(UsageError, match="--split"):
         make_tiles(before, after, gpkg, tmp_path / "E", split="0.5,0.2")
     small = make_geotiff(tmp_path / "small.tif", np.zeros((10, 10), np.uint8))
-    with pytest.raises(IncompatibleInputsError, match="not on BEFORE's grid"):
+    with pytest.raises(IncompatibleInputsError, match="is not on the grid of"):
         make_tiles(before, after, small, tmp_path / "F", tile_size=64)
 
 

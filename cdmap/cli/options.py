@@ -66,6 +66,10 @@ CreationOptions = Annotated[list[str], typer.Option(
 VectorFormat = Annotated[str, typer.Option(
     "--vector-format", help=f"Polygon format: {', '.join(FORMATS)} (GeoJSON is RFC 7946, WGS84); predict also "
     "takes none (no polygons), vectorize defaults to the one the output suffix names.")]
+Backend = Annotated[str, typer.Option(
+    "--backend", help="Execution backend: auto (the fastest installed one that matches torch fp32 on this device), "
+    "torch, onnxruntime (pip install 'cdmap[onnx]') or openvino ('cdmap[openvino]'); a backend that fails falls "
+    "back to torch with one warning.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows or tiles per model call.")]
 TileSize = Annotated[int | None, typer.Option(

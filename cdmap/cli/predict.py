@@ -8,6 +8,7 @@ import typer
 
 from cdmap.cli.app import app
 from cdmap.cli.options import (
+    Backend,
     Bands,
     BatchSize,
     CreationOptions,
@@ -42,6 +43,7 @@ def predict(
     workers: Workers = 2,
     device: Device = "auto",
     precision: Precision = "auto",
+    backend: Backend = "auto",
     bands: Bands = None,
     threshold: Threshold = None,
     min_area: float = typer.Option(0.0, "--min-area", help="Drop polygons smaller than this (m²)."),
@@ -68,7 +70,7 @@ def predict(
 
     opts = PredictOptions(
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device, precision=precision,
-        bands=parse_bands(bands), threshold=threshold, min_area=min_area, simplify=simplify,
+        backend=backend, bands=parse_bands(bands), threshold=threshold, min_area=min_area, simplify=simplify,
         prob_dtype=prob_dtype, vector_format=vector_format, creation_options=parse_creation_options(co),
         cog=cog, align=align, resampling=resampling, allow_no_crs=allow_no_crs,
     )

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from cdmap.models.wavelets import haar_dwt, haar_idwt
 
-ATTENTION_MODES = ("sdpa", "explicit")
+ATTENTION_MODES = ("sdpa", "chunked", "explicit")
+ATTENTION_CHUNK = 256  # query rows per softmax(QK)V block in "chunked" mode (a few MiB of scores per block)
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 1) -> nn.Sequential:
@@ -140,6 +141,10 @@ class CrossTemporalAttention(nn.Module):
     The fused CPU/CUDA kernels need equal head sizes for Q, K and V, but here Q/K have C/8 channels and V has C,
     so Q and K are zero-padded to C channels: the dot products are unchanged and the fused kernel applies
     (otherwise PyTorch silently falls back to the math path, which does materialise N x N).
+    ``attention="chunked"`` computes the same softmax(QK)V exactly, without padding, in blocks of
+    ``ATTENTION_CHUNK`` query positions: Q.K runs at its true C/8 width (the padded fused kernel spends about
+    44 % of its work on zeros) and only a (block x N) score matrix exists at a time. It is also the form that
+    exports to ONNX as plain MatMul/Softmax.
     ``attention="explicit"`` computes softmax(QK)V with two bmm's like the reference (tests, benchmarks).
     """
 
@@ -165,6 +170,8 @@ class CrossTemporalAttention(nn.Module):
         v1, v2 = self.value(x).flatten(2).chunk(2, dim=0)  # (B, C, N)
         if self.attention == "sdpa":
             out1, out2 = self._sdpa(q1, q2, k1, k2, v1, v2)
+        elif self.attention == "chunked":
+            out1, out2 = self._chunked(q1, q2, k1, k2, v1, v2)
         else:
             out1 = self._explicit(q2, k1, v1)
             out2 = self._explicit(q1, k2, v2)
@@ -178,6 +185,23 @@ class CrossTemporalAttention(nn.Module):
         energy = torch.bmm(q.transpose(1, 2), k)  # (B, N, N): query position i, key position j
         attn = torch.softmax(energy, dim=-1)
         return torch.bmm(v, attn.transpose(1, 2))  # (B, C, N)
+
+    @staticmethod
+    def _chunked(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor,
+                 chunk: int | None = None) -> tuple[Tensor, Tensor]:
+        n = q1.shape[0]
+        chunk = chunk or ATTENTION_CHUNK
+        # Both directions as one batch of 2B: queries of date 2 attend to date 1 and vice versa.
+        q = torch.cat((q2, q1), dim=0).transpose(1, 2)  # (2B, N, d)
+        k = torch.cat((k1, k2), dim=0)  # (2B, d, N)
+        vt = torch.cat((v1, v2), dim=0).transpose(1, 2)  # (2B, N, C)
+        length = q.shape[1]
+        blocks = []
+        for start in range(0, length, chunk):
+            energy = torch.bmm(q[:, start : start + chunk], k)  # (2B, chunk, N)
+            blocks.append(torch.bmm(torch.softmax(energy, dim=-1), vt))  # (2B, chunk, C)
+        out = (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)).transpose(1, 2)  # (2B, C, N)
+        return out[:n], out[n:]
 
     @staticmethod
     def _sdpa(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:

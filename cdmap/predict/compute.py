@@ -43,6 +43,7 @@ class ComputeStats:
     windows_skipped: int = 0
     device: str = "cpu"
     precision: str = "fp32"
+    backend: str = "torch"
     blend: BlendStats = field(default_factory=BlendStats)
     model_s: float = 0.0
     peak_gpu_mib: float | None = None
@@ -190,7 +191,8 @@ def compute_strips(pair: ScenePair, plan: PredictPlan, journal: Journal, run: Ru
             import torch
 
             torch.backends.cudnn.benchmark = False
-        predictor = Predictor.from_checkpoint(plan.checkpoint, plan.device, plan.precision)
+        predictor = Predictor.from_checkpoint(plan.checkpoint, plan.device, plan.precision,
+                                              backend=plan.options.backend)
         comps = [_BandComputer(pair, plan, journal, stats, predictor, band) for band in bands(share)]
         todo = [(c, c.windows()) for c in comps]
         progress = Progress(sum(len(w) for _, w in todo), "predict", pixels_per_unit=grid.stride ** 2,
@@ -203,6 +205,7 @@ def compute_strips(pair: ScenePair, plan: PredictPlan, journal: Journal, run: Ru
             progress.close()
             pool.shutdown(wait=True, cancel_futures=True)
         stats.peak_gpu_mib = predictor.peak_memory_mib()
+        stats.backend = predictor.backend
     stats.blend = journal_blend(journal)
     return stats
 

@@ -116,10 +116,10 @@ class Journal:
 
     def check_matches(self, manifest: dict[str, Any]) -> None:
         """Refuse to resume when inputs, checkpoint or options differ from the journal's run."""
-        diffs = [k for k in sorted(set(manifest) | set(self.manifest)) if manifest.get(k) != self.manifest.get(k)]
+        diffs = _differences(self.manifest, manifest)
         if diffs:
-            shown = "; ".join(f"{k}: was {self.manifest.get(k)!r}, now {manifest.get(k)!r}" for k in diffs[:3])
-            raise ResumeError(f"cannot resume, the interrupted run differs ({shown})", self.workdir.parent)
+            raise ResumeError(f"cannot resume, the interrupted run differs ({'; '.join(diffs[:3])})",
+                              self.workdir.parent)
 
     def finished_rows(self) -> int:
         """Rows [0, n) are finished: the contiguous prefix of strips from the top."""
@@ -171,6 +171,22 @@ class Journal:
 
     def remove(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _differences(was: Any, now: Any, where: str = "") -> list[str]:
+    """Short descriptions of where ``now`` differs from ``was`` (nested dicts and lists by key path)."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for k in sorted(set(was) | set(now), key=str):
+            out += _differences(was.get(k), now.get(k), f"{where}.{k}" if where else str(k))
+        return out
+    if isinstance(was, list) and isinstance(now, list) and len(was) == len(now):
+        names = ("before", "after") if where == "inputs" and len(was) == 2 else range(len(was))
+        return [d for n, a, b in zip(names, was, now, strict=True) for d in _differences(a, b, f"{where}[{n}]")]
+    if was == now:
+        return []
+    text = f"{where}: was {was!r}, now {now!r}"
+    return [text if len(text) <= 160 else f"{where} changed"]
 
 
 def _line(record: dict[str, Any]) -> str:

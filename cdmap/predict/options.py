@@ -17,7 +17,8 @@ class PredictOptions:
 
     ``batch_size`` is here because the windows of a batch go through the network together: batches keep a
     global composition (windows ``[j*B, (j+1)*B)``) so a resume reproduces them, but another batch size can
-    change float results in the last bits. ``device`` and ``precision`` likewise.
+    change float results in the last bits. ``device``, ``precision`` and ``backend`` likewise (every backend
+    matches torch fp32 to about 1e-6, but not to the bit).
     """
 
     tile_size: int | None = None
@@ -25,6 +26,7 @@ class PredictOptions:
     batch_size: int = 4
     device: str = "auto"
     precision: str = "auto"
+    backend: str = "auto"
     bands: list[int] | None = None
     threshold: float | None = None
     min_area: float = 0.0
@@ -44,6 +46,9 @@ class PredictOptions:
         check_format_name(self.vector_format, extra=("none",))
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UsageError(f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
+        from cdmap.backends import validate as validate_backend
+
+        validate_backend(self.backend)
         if self.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

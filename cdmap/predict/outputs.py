@@ -144,6 +144,7 @@ def run_summary(ctx: AssemblyContext, rasters: RasterStats, vectors: Any, timing
                   "config": ckpt.model_config.to_dict(), "trained_tile_size": ckpt.tile_size},
         "device": compute.device,
         "precision": compute.precision,
+        "backend": compute.backend,
         "windows": {"total": compute.windows_total, "computed": compute.windows_computed,
                     "skipped_nodata": compute.windows_skipped},
         "timings": {k: round(v, 3) for k, v in timings.items()},

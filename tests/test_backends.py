@@ -1,0 +1,211 @@
+"""Execution backends: exact vs the torch fp32 reference, export cache, fallback to torch, the auto rule."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from cdmap import backends
+from cdmap.backends import export
+from cdmap.checkpoint import Checkpoint
+from cdmap.inference import Predictor
+from cdmap.models import FSGNet, ModelConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+EXPORTED = [b for b in ("onnxruntime", "openvino") if backends.installed(b)]
+
+
+@pytest.fixture(scope="module")
+def ckpt() -> Checkpoint:
+    torch.manual_seed(0)
+    model = FSGNet(ModelConfig())
+    with torch.no_grad():
+        for block in model.stsam:
+            block.cross.gamma.fill_(0.5)  # the attention branch contributes, as in a trained model
+    return Checkpoint(ModelConfig(), model.state_dict(), [110.0] * 3, [50.0] * 3, tile_size=64)
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDMAP_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _batch(n: int = 2, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, 3, size, size), dtype=np.float32)
+    return a, (a + rng.standard_normal(a.shape, dtype=np.float32)).astype(np.float32)
+
+
+def _reference(ckpt: Checkpoint, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+    """The explicit-attention torch fp32 forward: the oracle for every backend."""
+    model = ckpt.build_model("cpu")
+    model.set_attention("explicit")
+    with torch.inference_mode():
+        return torch.softmax(model(torch.from_numpy(a), torch.from_numpy(b)), dim=1)[:, 1]
+
+
+def test_torch_backend_matches_explicit_reference(ckpt, cache):
+    a, b = _batch()
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="torch")
+    assert pred.backend == "torch"
+    assert (pred.probability(a, b) - _reference(ckpt, a, b)).abs().max() <= 1e-5
+    assert not cache.exists()  # torch exports nothing
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_exported_backend_is_exact_and_cached(ckpt, cache, name, monkeypatch):
+    a, b = _batch()
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend=name)
+    prob = pred.probability(a, b)
+    assert pred.backend == name and isinstance(prob, torch.Tensor) and prob.dtype == torch.float32
+    assert prob.shape == (2, 64, 64)
+    assert (prob - _reference(ckpt, a, b)).abs().max() <= 1e-4
+    assert (pred.probability(a[:1], b[:1]) - prob[:1]).abs().max() <= 1e-5  # another batch size, same graph
+    files = sorted(p.name for p in (cache / "models").iterdir())
+    assert len(files) == 2 and not any(f.endswith(".tmp") for f in files)  # one .onnx + its .json, no temp
+    meta = export.read_meta(next((cache / "models").glob("*.json")))
+    assert meta["verified"][f"{name}/fp32"]["ok"]
+
+    # Second build of the same checkpoint and tile: no export and no re-check against torch.
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    monkeypatch.setattr("cdmap.backends.runner._torch_reference", no_export)
+    again = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend=name)
+    assert torch.equal(again.probability(a, b), prob) or (again.probability(a, b) - prob).abs().max() <= 1e-6
+    assert again.backend == name
+    assert next(iter(again._runners.values())).cache_hit
+
+
+def test_export_failure_falls_back_to_torch_with_one_log_line(ckpt, cache, monkeypatch, caplog):
+    if not EXPORTED:
+        pytest.skip("no exported-graph backend installed")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    a, b = _batch()
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend=EXPORTED[0])
+    with caplog.at_level(logging.WARNING, logger="cdmap"):
+        prob = pred.probability(a, b)
+        pred.probability(a[:, :, :32, :32], b[:, :, :32, :32])  # another shape: no second attempt, no line
+    assert pred.backend == "torch"
+    lines = [r for r in caplog.records if r.name == "cdmap"]
+    assert len(lines) == 1 and "exporter exploded" in lines[0].getMessage()
+    assert (prob - _reference(ckpt, a, b)).abs().max() <= 1e-5
+
+
+def test_backend_not_installed_falls_back(ckpt, cache, monkeypatch, caplog):
+    monkeypatch.setattr(backends, "installed", lambda name: name == "torch")
+    a, b = _batch(1)
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="openvino")
+    with caplog.at_level(logging.WARNING, logger="cdmap"):
+        prob = pred.probability(a, b)
+    assert pred.backend == "torch" and len(caplog.records) == 1
+    assert "not installed" in caplog.records[0].getMessage()
+    assert prob.shape == (1, 64, 64)
+
+
+def test_onnxruntime_bf16_falls_back_to_torch_bf16(ckpt, cache, caplog):
+    if "onnxruntime" not in EXPORTED:
+        pytest.skip("onnxruntime not installed")
+    a, b = _batch(1)
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "bf16", backend="onnxruntime")
+    with caplog.at_level(logging.WARNING, logger="cdmap"):
+        pred.probability(a, b)
+    assert pred.backend == "torch" and pred.precision == "bf16" and len(caplog.records) == 1
+
+
+def test_live_model_predictor_defaults_to_torch(ckpt):
+    pred = Predictor(ckpt.build_model("cpu"), ckpt.mean, ckpt.std, "cpu", "fp32")
+    assert pred.backend == "torch"
+
+
+def test_auto_rule(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(backends, "installed", lambda name: True)
+    assert backends.choose("auto", cuda, "bf16") == "torch"
+    assert backends.choose("auto", cpu, "fp32") == backends.CPU_FP32_ORDER[0]
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
+    assert backends.choose("auto", cpu, "bf16") == "openvino"
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
+    assert backends.choose("auto", cpu, "bf16") == "torch"
+    monkeypatch.setattr(backends, "installed", lambda name: name in ("torch", "openvino"))
+    assert backends.choose("auto", cpu, "fp32") == "openvino"
+    monkeypatch.setattr(backends, "installed", lambda name: name == "torch")
+    assert backends.choose("auto", cpu, "fp32") == "torch"
+    assert backends.choose("onnxruntime", cpu, "fp32") == "onnxruntime"  # explicit: tried, then fallback
+
+
+def test_unknown_backend_is_a_usage_error():
+    from cdmap.errors import UsageError
+
+    with pytest.raises(UsageError):
+        backends.validate("tensorrt")
+
+
+def test_model_hash_follows_weights_and_prefers_checkpoint_sha256(ckpt):
+    model = ckpt.build_model("cpu")
+    h = export.model_sha256(model, ckpt)
+    assert h == export.model_sha256(model, ckpt)
+    changed = {k: v.clone() for k, v in ckpt.state_dict.items()}
+    key = next(k for k, v in changed.items() if v.is_floating_point())
+    changed[key] += 1.0
+    other = Checkpoint(ckpt.model_config, changed, ckpt.mean, ckpt.std)
+    assert export.model_sha256(model, other) != h
+
+    class WithHash:
+        sha256 = "ab" * 32
+        state_dict = None
+
+    assert export.model_sha256(model, WithHash()) == export.model_sha256(model, WithHash())
+    assert export.cache_key(h, 3, 64, 64) != export.cache_key(h, 3, 64, 128)
+    assert export.cache_key(h, 3, 64, 64) != export.cache_key(h, 4, 64, 64)
+
+
+def test_channels_last_torch_path_is_exact(ckpt):
+    """The NHWC layout (CUDA default; Conv3d weights stay 5-D) changes no result on CPU."""
+    from cdmap.backends.torch_backend import to_channels_last
+
+    a, b = _batch(1)
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="torch")
+    plain = pred.probability(a, b)
+    pred.model, pred.channels_last = to_channels_last(pred.model), True
+    assert (pred.probability(a, b) - plain).abs().max() <= 1e-5
+
+
+def test_cuda_batch_size_is_one_on_cpu():
+    from cdmap.backends.torch_backend import cuda_batch_size
+
+    assert cuda_batch_size(torch.device("cpu"), 256) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replay_matches_eager(ckpt, monkeypatch):
+    monkeypatch.setenv("CDMAP_CUDA_GRAPHS", "1")
+    a, b = _batch(2)
+    graphs = Predictor.from_checkpoint(ckpt, "cuda", "fp32", backend="torch")
+    assert graphs._graphs is not None
+    first = graphs.probability(a, b)
+    second = graphs.probability(b, a)  # a replay must not overwrite the first result
+    monkeypatch.setenv("CDMAP_CUDA_GRAPHS", "0")
+    eager = Predictor.from_checkpoint(ckpt, "cuda", "fp32", backend="torch")
+    assert (first - eager.probability(a, b)).abs().max() <= 1e-4
+    assert (second - eager.probability(b, a)).abs().max() <= 1e-4
+
+
+def test_checkpoint_predictor_bf16_on_cpu_uses_chunked_attention_live_model_untouched(ckpt):
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "bf16", backend="torch")
+    assert {b.attention for b in pred.model.stsam} == {"chunked"}
+    assert pred.model.head.block[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    live = ckpt.build_model("cpu")
+    Predictor(live, ckpt.mean, ckpt.std, "cpu", "bf16")
+    assert {b.attention for b in live.stsam} == {"sdpa"}
+    assert live.head.block[0][0].weight.is_contiguous()
