@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cdmap.raster", "cdmap.tiling", "cdmap.models"),
     ("cdmap.checkpoint",),
     ("cdmap.inference",),
-    ("cdmap.data", "cdmap.vector"),
+    ("cdmap.data", "cdmap.vector", "cdmap.report"),
     ("cdmap.predict",),
     ("cdmap.train", "cdmap.evaluate"),
     ("cdmap.demo",),

@@ -19,6 +19,7 @@ from cdmap import process
 from cdmap.checkpoint import Checkpoint, load_checkpoint
 from cdmap.predict.assemble import AssemblyContext, change_mask, write_rasters, write_vectors
 from cdmap.predict.compute import compute_strips, gdal_cache_bytes
+from cdmap.predict.extras import write_extras
 from cdmap.predict.journal import WORKDIR_NAME, open_journal
 from cdmap.predict.options import PredictOptions, RunOptions, split_overrides
 from cdmap.predict.outputs import (
@@ -31,6 +32,7 @@ from cdmap.predict.outputs import (
     PredictResult,
     check_free_space,
     commit_outputs,
+    extra_output_paths,
     output_errors,
     output_paths,
     prepare_outdir,
@@ -75,7 +77,7 @@ def predict_scene(
     try:
         plan = plan.on_grid(pair.height, pair.width)
         outdir = Path(outdir)
-        finals = output_paths(outdir, opts.vector_format)
+        finals = output_paths(outdir, opts.vector_format) | extra_output_paths(outdir, run.report, bool(run.zones))
         workdir = outdir / WORKDIR_NAME
         prepare_outdir(outdir, finals, run.overwrite, resuming=run.resume and (workdir / "journal.jsonl").is_file())
         timings = {"preflight_s": time.perf_counter() - t_start}
@@ -99,7 +101,8 @@ def predict_scene(
 
 
 def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float) -> dict[str, Any]:
-    """Rasters, polygons, run.json, then everything renamed into place; returns the summary."""
+    """Rasters, polygons, run.json, the extras (style, zones, report), then everything renamed into place;
+    returns the summary."""
     with output_errors(ctx.journal.workdir.parent):
         t1 = time.perf_counter()
         rasters = write_rasters(ctx)
@@ -107,6 +110,7 @@ def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float) -> 
         vectors, vec_path = write_vectors(ctx, timings)
         timings["total_s"] = time.perf_counter() - t_start
         summary = run_summary(ctx, rasters, vectors, timings)
+        write_extras(ctx, summary, vec_path)
         commit_outputs(ctx.journal, ctx.finals, summary, vec_path)
     return summary
 

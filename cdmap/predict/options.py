@@ -4,9 +4,10 @@ the resume manifest) and :class:`RunOptions` (how the run behaves, free to diffe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
-from cdmap.errors import UsageError
+from cdmap.errors import InputError, UsageError
 from cdmap.vector.write import check_format_name
 
 
@@ -55,17 +56,23 @@ class PredictOptions:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """Options that never change an output byte: reader threads, notes, replacing outputs, resuming."""
+    """Options that never change an output byte: reader threads, notes, replacing outputs, resuming, and the
+    outputs made from the finished rasters (``report``: preview.png and report.html; ``zones``: a polygon file
+    whose per-zone changed area goes to change_by_zone.csv/.gpkg)."""
 
     workers: int = 2
     quiet: bool = False
     overwrite: bool = False
     resume: bool = False
+    report: bool = True
+    zones: str | None = None
 
     def check(self) -> None:
         """Raise :class:`UsageError` for an unusable value."""
         if self.workers < 1:
             raise UsageError("--workers must be >= 1")
+        if self.zones is not None and not Path(self.zones).is_file():
+            raise InputError("zones file not found", Path(self.zones))
 
 
 _PREDICT_FIELDS = {f.name for f in fields(PredictOptions)}

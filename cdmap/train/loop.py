@@ -14,8 +14,9 @@ Deliberate deviations, each documented:
 - the data order and every random crop/augmentation depend only on (seed, epoch, sample index), so runs are
   reproducible whatever the number of workers, and ``resume`` continues bit-exactly (same device and threads).
 
-Files in the run folder (written by rank 0 only): ``metrics.csv`` (one row per epoch), ``best.pt``, ``last.pt``
-(the full training state for :func:`resume`) and ``config.json`` (the recipe, the runtime and the data folder).
+Files in the run folder (written by rank 0 only): ``metrics.csv`` (one row per epoch), ``training.png`` (its loss
+and F1 curves, when matplotlib is installed), ``best.pt``, ``last.pt`` (the full training state for :func:`resume`)
+and ``config.json`` (the recipe, the runtime and the absolute data folders).
 
 Validation runs whole val tiles at native resolution and accumulates 256-bin histograms of P(change) per class;
 ``val_precision/recall/f1/iou`` in the CSV are at threshold 0.5 (the reference's argmax), ``val_threshold`` is the
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from cdmap.errors import ResumeError, UsageError
-from cdmap.train.build import Session, build
+from cdmap.train.build import Session, build, data_dirs
 from cdmap.train.config import TrainConfig, TrainResult, TrainRuntime
 from cdmap.train.distributed import init_distributed
 from cdmap.train.state import dropblock_schedule, rng_state, set_rng_state, to_cpu
@@ -55,13 +56,14 @@ PLAIN_INTERVAL_S = 60.0
 
 # ----- the two entry points ------------------------------------------------------------------------------------
 def train(
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | list[str | os.PathLike],
     run_dir: str | os.PathLike,
     config: TrainConfig | None = None,
     runtime: TrainRuntime | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train FSG-Net on ``data_dir`` (LEVIR-CD layout or flat A/B/label) into ``run_dir`` with ``config``.
+    """Train FSG-Net on ``data_dir`` (LEVIR-CD layout or flat A/B/label; or a list of such folders, trained on
+    together) into ``run_dir`` with ``config``.
 
     ``runtime`` (and keyword ``overrides`` of its fields: ``workers``, ``device``, ``quiet``, ``overwrite``,
     ``stop_after_epoch``, ``val_batch_size``) says how to run; it changes nothing in the results. Under
@@ -74,7 +76,7 @@ def train(
         raise UsageError("a data folder is needed (or resume an existing run)")
     cfg = config or TrainConfig()
     rt = (runtime or TrainRuntime()).with_overrides({**cfg.legacy_runtime, **overrides})
-    return _run(Path(data_dir), Path(run_dir), cfg, rt, None)
+    return _run(data_dirs(data_dir), Path(run_dir), cfg, rt, None)
 
 
 def resume(
@@ -106,18 +108,19 @@ def resume(
         stored = TrainRuntime.from_dict(state.get("runtime") or state["config"])
         runtime = dataclasses.replace(stored, stop_after_epoch=None, overwrite=False)
     rt = runtime.with_overrides(overrides)
-    data = data_dir if data_dir is not None else state.get("data_dir")
-    return _run(Path(data), run_dir, cfg, rt, ckpt)
+    data = data_dir if data_dir is not None else state.get("data_dirs") or state.get("data_dir")
+    return _run(data_dirs(data), run_dir, cfg, rt, ckpt)
 
 
-def _run(data_dir: Path, run_dir: Path, cfg: TrainConfig, rt: TrainRuntime, ckpt: Any) -> TrainResult:
+def _run(dirs: list[Path], run_dir: Path, cfg: TrainConfig, rt: TrainRuntime, ckpt: Any) -> TrainResult:
     """Build the session, run its epochs, report."""
     dist = init_distributed(rt.device)
     try:
-        s = build(data_dir, run_dir, cfg, rt, dist, ckpt)
-        if dist.main:
+        s = build(dirs, run_dir, cfg, rt, dist, ckpt)
+        if dist.main:  # absolute data paths: ``--resume`` works from any directory
             (run_dir / "config.json").write_text(json.dumps(
-                {"data_dir": str(data_dir), **s.cfg.to_dict(), "runtime": rt.to_dict()}, indent=2))
+                {"data_dir": str(dirs[0]), "data_dirs": [str(d) for d in dirs], **s.cfg.to_dict(),
+                 "runtime": rt.to_dict()}, indent=2))
         if ckpt is not None:
             rng = ckpt.training_state.get("rng_per_rank") or [ckpt.training_state.get("rng")]
             set_rng_state(rng[min(dist.rank, len(rng) - 1)])
@@ -290,6 +293,7 @@ def _save(s: Session, epoch: int, thr: float, metrics: dict[str, float], rng_all
         "config": cfg.to_dict(),
         "runtime": s.rt.to_dict(),
         "data_dir": str(s.data_dir),
+        "data_dirs": [str(d) for d in s.data_dirs],
         "optimizer": to_cpu(optim.optimizer.state_dict()),
         "scheduler": to_cpu(optim.scheduler.state_dict()),
         "scaler": optim.scaler.state_dict() if optim.use_scaler else {},
@@ -301,6 +305,9 @@ def _save(s: Session, epoch: int, thr: float, metrics: dict[str, float], rng_all
     save_checkpoint(Checkpoint(s.mcfg, weights, s.mean, s.std, training_state=training_state, **common),
                     s.run_dir / "last.pt")
     _write_csv(s.run_dir / "metrics.csv", s.progress.history)
+    from cdmap.report import TRAINING_PLOT_NAME, write_training_plot
+
+    write_training_plot(s.progress.history, s.run_dir / TRAINING_PLOT_NAME)
 
 
 def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
