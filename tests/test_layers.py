@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parents[1] / "cdmap"
 # Within a layer, imports between different entries are allowed as long as they form no cycle.
 LAYERS: list[tuple[str, ...]] = [
     ("cdmap._version", "cdmap.errors"),
-    ("cdmap.process", "cdmap.progress", "cdmap.device", "cdmap.metrics", "cdmap.synthetic"),
+    ("cdmap.process", "cdmap.progress", "cdmap.device", "cdmap.metrics", "cdmap.synthetic", "cdmap.doctor"),
     ("cdmap.raster", "cdmap.tiling", "cdmap.models"),
     ("cdmap.checkpoint",),
     ("cdmap.inference",),

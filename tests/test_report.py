@@ -136,3 +136,28 @@ def test_report_renders_in_headless_chromium(evaluated, tmp_path):
                            str(shot)], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert _png_size(shot) == (1100, 3000)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_train_on_two_folders_resumes_from_anywhere_with_a_plot(tmp_path, monkeypatch):
+    import importlib.util
+
+    from cdmap.checkpoint import load_checkpoint
+    from cdmap.train import TrainConfig, resume, train
+    from tests.test_train_loop import make_change_set
+
+    make_change_set(tmp_path / "d1", n=2, size=32)
+    make_change_set(tmp_path / "d2", n=2, size=32, seed=1)
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(epochs=2, batch_size=2, crop_size=32, seed=3)
+    assert cfg.effective_batch == 2  # no hidden accumulation when only the batch size is chosen
+    train([Path("d1"), Path("d2")], Path("run"), cfg, workers=0, quiet=True, stop_after_epoch=1)
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["data_dirs"] == [str(tmp_path / "d1"), str(tmp_path / "d2")]
+    monkeypatch.chdir(tmp_path / "d1")  # a relative DATA would no longer be found from here
+    result = resume(tmp_path / "run", quiet=True)
+    assert result.finished and result.epochs_completed == 2
+    prov = load_checkpoint(tmp_path / "run" / "last.pt").provenance
+    assert prov["train_pairs"] == 4  # both folders' train pairs
+    if importlib.util.find_spec("matplotlib"):
+        assert _png_size(tmp_path / "run" / "training.png")[0] == 800

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 LOGGER = "cdmap"
 
@@ -43,7 +44,17 @@ def install(verbose: bool = False) -> logging.Handler:
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    warnings.showwarning = show_warning
     return handler
+
+
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: object = None, line: str | None = None) -> None:
+    """Python warnings (rasterio's ``NotGeoreferencedWarning``...) as one ``cdmap: warning:`` line, without
+    the source line Python would print under it."""
+    text = " ".join(str(message).split())
+    name = category.__name__
+    logging.getLogger(f"{LOGGER}.warnings").warning("%s", text if name == "UserWarning" else f"{name}: {text}")
 
 
 def set_quiet() -> None:
