@@ -56,7 +56,7 @@ def test_flags_are_flags_and_choices_are_listed(helps):
         assert choices in predict, choices
     assert "INTEGER" in predict and "NUMBER" in predict and "Usage: cdmap predict [OPTIONS] BEFORE AFTER" in predict
     assert "BEFORE AFTER LABELS" in helps["evaluate"] and "tif|png" in helps["tiles"]
-    assert "resnet18|resnet34" in helps["train"] and "[DATA]..." in helps["train"]
+    assert "resnet18, resnet34" in helps["train"] and "[DATA]..." in helps["train"]
     assert "--install-completion" in helps["-"]
 
 

@@ -47,7 +47,7 @@ def train_cmd(
     workers: Workers = None,
     seed: int | None = typer.Option(None, "--seed", help="Seed of weights, data order, augmentation (default: 2025)."),
     backbone: str | None = typer.Option(
-        None, "--backbone", metavar="|".join(BACKBONES),
+        None, "--backbone", metavar="NAME",
         help=f"One of {backbone_names()} (default: {DEFAULT_BACKBONE})."),
     backbone_weights: Path | None = typer.Option(
         None, "--backbone-weights", help="ImageNet weights for the backbone (torchvision-style state dict)."),

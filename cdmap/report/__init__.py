@@ -70,7 +70,7 @@ def write_run_report(folder: str | os.PathLike, summary: dict[str, Any], *, befo
     threshold = summary.get("threshold", 0.5)
     hist_png = figures.histogram_png(hist["counts"], threshold) if hist else None
     classes = size_classes(areas) if areas is not None else None
-    classes_png = figures.size_classes_png(classes) if classes else None
+    classes_png = figures.size_classes_png(classes) if classes and any(c["polygons"] for c in classes) else None
     preview_path = figures.write_png(preview, folder / PREVIEW_NAME)
     report_path = folder / REPORT_NAME
     _write_text(report_path, page.page(summary, preview=preview, histogram=hist_png, classes=classes,

@@ -267,15 +267,18 @@ def error_map_png(path: str | os.PathLike) -> bytes:
     classes = read_scaled(path, grid, shape, [1], resampling="nearest")[0].filled(4)
     palette = np.array([ERROR_CLASSES[k][1] for k in sorted(ERROR_CLASSES)], dtype=np.float32) / 255.0
     rgb = palette[np.clip(classes, 0, len(palette) - 1)]
-    fig = _figure(6.6, 6.4 * shape[0] / shape[1] + 0.6)
-    ax = fig.add_axes((0.01, 0.6 / (6.4 * shape[0] / shape[1] + 0.6), 0.98,
-                       1 - 0.6 / (6.4 * shape[0] / shape[1] + 0.6) - 0.01))
+    ratio = shape[0] / shape[1]
+    img_w = min(6.6, 5.4 / ratio)  # at most 660 px wide and 540 px high
+    fig_w, fig_h = max(img_w + 0.2, 4.4), img_w * ratio + 0.6  # wide enough for the legend
+    fig = _figure(fig_w, fig_h)
+    ax = fig.add_axes(((fig_w - img_w) / 2 / fig_w, 0.5 / fig_h, img_w / fig_w, img_w * ratio / fig_h))
     ax.imshow(rgb, extent=grid.extent, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     _scale_bar(ax, grid)
     handles = [Patch(facecolor=np.array(c) / 255.0, edgecolor="#444", label=n) for n, c in ERROR_CLASSES.values()]
-    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False, handlelength=1.2,
+               columnspacing=1.0)
     return _png(fig)
 
 

@@ -136,7 +136,8 @@ def evaluation_section(metrics: dict[str, Any], labels: str, error_map: bytes | 
                        error_map_name: str | None) -> str:
     """The evaluation block that ``cdmap evaluate --scene`` inserts at :data:`EVALUATION_MARK`."""
     keys = ("precision", "recall", "f1", "iou", "oa", "kappa", "tp", "fp", "fn", "tn")
-    rows = [(k if len(k) > 2 else k.upper(), metrics[k]) for k in keys if k in metrics]
+    names = {"f1": "F1", "iou": "IoU", "oa": "OA (overall accuracy)", "tp": "TP", "fp": "FP", "fn": "FN", "tn": "TN"}
+    rows = [(names.get(k, k), metrics[k]) for k in keys if k in metrics]
     out = f"<h2>Evaluation against {html.escape(_name(labels))}</h2><div class=row>{_table(rows)}"
     if error_map is not None:
         out += "<div>" + _img(error_map, "error map: TP white, FP red, FN green, TN black")
