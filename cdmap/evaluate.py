@@ -71,10 +71,11 @@ def _write_error_map(path: Path, pred: np.ndarray, label: np.ndarray, georef: Pa
 
     from cdmap.data import no_georef_warning
 
-    with no_georef_warning(), rasterio.open(georef) as src:
-        crs, transform = src.crs, src.transform
-    with _error_map_writer(path, label.shape[1], label.shape[0], crs, transform) as w:
-        w.write_rows(0, _error_classes(pred, label))
+    with no_georef_warning():  # PNG tiles: the error map has no georeferencing either, and that is expected
+        with rasterio.open(georef) as src:
+            crs, transform = src.crs, src.transform
+        with _error_map_writer(path, label.shape[1], label.shape[0], crs, transform) as w:
+            w.write_rows(0, _error_classes(pred, label))
 
 
 def write_per_image_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:

@@ -250,8 +250,11 @@ def training_png(history: Sequence[dict[str, float]]) -> bytes:
     ax2.set_title("validation F1", fontsize=10)
     ax2.set_xlabel("epoch")
     ax2.legend(fontsize=8, loc="lower right")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return _png(fig)
 
