@@ -1,7 +1,8 @@
 """The end-to-end demo: synthetic tiles -> training -> scene prediction -> evaluation against known truth.
 
-Runs on a CPU with no data and no downloads (about 1,700 CPU-seconds: ~15 min on 2 free cores). The model it trains has only seen
-synthetic scenes (see :mod:`cdmap.synthetic`); it demonstrates the pipeline, not real-world skill.
+Runs on a CPU with no data and no downloads (about 1,700 CPU-seconds: ~15 min on 2 free cores). The model it
+trains has only seen synthetic scenes (see :mod:`cdmap.synthetic`); it demonstrates the pipeline, not real-world
+skill.
 """
 
 from __future__ import annotations

@@ -161,3 +161,31 @@ def test_train_on_two_folders_resumes_from_anywhere_with_a_plot(tmp_path, monkey
     assert prov["train_pairs"] == 4  # both folders' train pairs
     if importlib.util.find_spec("matplotlib"):
         assert _png_size(tmp_path / "run" / "training.png")[0] == 800
+
+
+def test_preview_reads_a_scene_in_another_crs(tmp_path):
+    pytest.importorskip("matplotlib")
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    from cdmap.report.figures import Grid, read_scaled
+
+    crs = CRS.from_epsg(32633)
+    t = from_origin(500_000, 5_000_000, 1.0, 1.0)
+    data = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))[None]
+    dst_crs = CRS.from_epsg(3857)
+    dt, w, h = calculate_default_transform(crs, dst_crs, 64, 64, *rasterio.transform.array_bounds(64, 64, t))
+    out = np.zeros((1, h, w), np.uint8)
+    reproject(data, out, src_transform=t, src_crs=crs, dst_transform=dt, dst_crs=dst_crs,
+              resampling=Resampling.bilinear)
+    path = tmp_path / "m.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=1, dtype="uint8", crs=dst_crs,
+                       transform=dt, nodata=0) as ds:
+        ds.write(out)
+    arr = read_scaled(path, Grid(crs, t, 64, 64), (16, 16), [1])
+    assert arr.shape == (1, 16, 16)
+    inner = arr[0, 2:-2, 2:-2]
+    cols = np.ma.mean(inner, axis=0)
+    assert np.all(np.diff(cols) > 0)  # the west-east gradient survives the warp onto BEFORE's grid

@@ -4,6 +4,7 @@ change table (``--zones``) and the pictures (``preview.png``, ``report.html``; s
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,8 @@ from cdmap.predict.outputs import EXTRA_NAMES
 
 if TYPE_CHECKING:
     from cdmap.predict.assemble import AssemblyContext
+
+log = logging.getLogger("cdmap.predict")
 
 
 def write_extras(ctx: AssemblyContext, summary: dict[str, Any], vectors: Path | None) -> None:
@@ -31,10 +34,15 @@ def write_extras(ctx: AssemblyContext, summary: dict[str, Any], vectors: Path | 
         from cdmap import report
 
         pair = ctx.pair
-        written = report.write_run_report(work, summary, before=ctx.before, after=ctx.after, bands=pair.bands,
-                                          crs=pair.crs, transform=pair.transform, width=pair.width,
-                                          height=pair.height, mask=ctx.mask_path, vectors=vectors)
-        if not written:  # no matplotlib: the report's names are not outputs of this run
+        try:
+            written = report.write_run_report(work, summary, before=ctx.before, after=ctx.after, bands=pair.bands,
+                                              crs=pair.crs, transform=pair.transform, width=pair.width,
+                                              height=pair.height, mask=ctx.mask_path, vectors=vectors)
+        except Exception as exc:  # noqa: BLE001 - a picture must never cost the user the finished rasters
+            log.warning("no preview or report: %s: %s", type(exc).__name__, " ".join(str(exc).split())[:200])
+            log.debug("report failure", exc_info=True)
+            written = []
+        if not written:  # no matplotlib (or it failed): the report's names are not outputs of this run
             for key in ("preview", "report"):
                 finals.pop(key, None)
                 summary["outputs"].pop(key, None)
