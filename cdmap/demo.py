@@ -1,7 +1,8 @@
 """The end-to-end demo: synthetic tiles -> training -> scene prediction -> evaluation against known truth.
 
-Runs on a CPU in a few minutes with no data and no downloads. The model it trains has only seen
-synthetic scenes (see :mod:`cdmap.synthetic`); it demonstrates the pipeline, not real-world skill.
+Runs on a CPU with no data and no downloads (about 1,700 CPU-seconds: ~15 min on 2 free cores). The model it
+trains has only seen synthetic scenes (see :mod:`cdmap.synthetic`); it demonstrates the pipeline, not real-world
+skill.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def run_demo(outdir: str | Path, *, epochs: int = 25, tiles: int = 48, tile_size
         + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("precision", "recall", "f1", "iou") if k in metrics)
         + f".\n  checkpoint  {ckpt}\n  rasters     {pred / 'change_probability.tif'}, {pred / 'change_mask.tif'}"
         + f"\n  polygons    {pred / 'changes.gpkg'} (layer 'changes')\n  run summary {pred / 'run.json'}"
+        + (f"\n  report      {pred / 'report.html'} (open it in a browser)" if (pred / "report.html").exists()
+           else "")
         + "\n  (the demo model knows only synthetic scenes; train on real data for real imagery)"
+        + "\nNext, on your own scenes (same grid, or AFTER is warped onto BEFORE's):"
+        + f"\n  cdmap predict BEFORE.tif AFTER.tif -o my_changes -m {ckpt}"
+        + "\nand to train a model for them: cdmap tiles BEFORE.tif AFTER.tif LABELS.gpkg -o my_tiles, then "
+        + "cdmap train my_tiles -o my_run"
     )
     return DemoResult(outdir, ckpt, pred, metrics, seconds)

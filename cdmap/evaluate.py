@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,9 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("cdmap.evaluate")
 
 PER_IMAGE_FIELDS = ("name", "tp", "fp", "fn", "tn", "precision", "recall", "f1", "iou", "oa", "kappa")
-ERROR_COLOURS = {
-    "tn": (0, 0, 0), "tp": (255, 255, 255), "fp": (255, 0, 0), "fn": (0, 255, 0), "ignored": (128, 128, 128),
-}
+ERROR_CODES = {"tn": 0, "tp": 1, "fp": 2, "fn": 3, "ignored": 4}
+"""Values of the error-map GeoTIFFs; their colour table (TP white, TN black, FP red, FN green, ignored grey) is
+:data:`cdmap.report.figures.ERROR_CLASSES`."""
 
 
 # ----- results -------------------------------------------------------------------------------------------------
@@ -73,8 +72,17 @@ def _check_threshold(threshold: float | None, default: float) -> float:
     return t
 
 
-def _write_error_map(path: Path, pred: np.ndarray, label: np.ndarray) -> None:
-    _write_png(path, _error_rgb(pred, label))
+def _write_error_map(path: Path, pred: np.ndarray, label: np.ndarray, georef: Path) -> None:
+    """One tile's error map as a paletted GeoTIFF, georeferenced like ``georef`` (the tile's A image)."""
+    import rasterio
+
+    from cdmap.data import no_georef_warning
+
+    with no_georef_warning():  # PNG tiles: the error map has no georeferencing either, and that is expected
+        with rasterio.open(georef) as src:
+            crs, transform = src.crs, src.transform
+        with _error_map_writer(path, label.shape[1], label.shape[0], crs, transform) as w:
+            w.write_rows(0, _error_classes(pred, label))
 
 
 def write_per_image_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
@@ -115,8 +123,9 @@ def evaluate_tiles(
     ``{A,B,label}`` folder, used whole with a warning (it may hold the training pairs) and refused with a
     ``split`` it is not (:func:`cdmap.data.resolve_split`); the result records the split (``extra["split"]``).
     ``label_values``: see :mod:`cdmap.labels`. Tiles are run whole at native resolution, ``batch_size``
-    same-size tiles at a time. Writes a per-image CSV to ``csv_path`` and colour error maps (TP white, TN
-    black, FP red, FN green, ignored grey) as ``<name>.png`` into ``error_maps_dir`` when given.
+    same-size tiles at a time. Writes a per-image CSV to ``csv_path`` and error maps (GeoTIFFs with a colour
+    table: TP white, TN black, FP red, FN green, ignored grey; georeferenced like the tile) as ``<name>.tif``
+    into ``error_maps_dir`` when given.
     """
     from torch.utils.data import DataLoader
 
@@ -181,7 +190,8 @@ def _score_batches(loader: Any, predictor: Any, thr: float, pairs: list[Any], to
             name = pairs[int(idx[j])].name
             rows.append({"name": name, **c.metrics()})
             if maps_dir is not None:
-                _write_error_map(maps_dir / f"{name}.png", pred[j].cpu().numpy(), label[j].cpu().numpy())
+                _write_error_map(maps_dir / f"{name}.tif", pred[j].cpu().numpy(), label[j].cpu().numpy(),
+                                 pairs[int(idx[j])].a)
         if bar is not None:
             bar.update(1)
     return rows
@@ -247,7 +257,9 @@ def evaluate_scene(
     scores an existing change mask instead of predicting (``checkpoint`` may then be None).
     ``predict_options`` go to ``predict_scene`` (``tile_size``, ``overlap``, ``device``, ``batch_size``...).
     ``outdir`` keeps the prediction; otherwise a temporary folder is used and removed. ``error_map`` writes a
-    colour PNG (TP white, TN black, FP red, FN green, excluded grey).
+    GeoTIFF on the prediction grid with a colour table (TP white, TN black, FP red, FN green, excluded grey).
+    The metrics and the error map are added to the prediction's ``report.html`` (copied, with ``preview.png``,
+    beside the error map when the prediction is temporary).
     """
     import shutil
     import tempfile
@@ -278,6 +290,9 @@ def evaluate_scene(
     try:
         result = predict_scene(before, after, outdir, ckpt, **opts)
         counts = score_mask(result.mask, labels, error_map=error_map, **label_opts)
+        # the report stays with the prediction, or beside the error map when the prediction is temporary
+        report_dir = Path(error_map).parent if tmp is not None and error_map is not None else None
+        _report_evaluation(result.outdir, counts, labels, error_map, report_dir)
     finally:
         if hide is not None:
             logging.getLogger("cdmap").removeFilter(hide)
@@ -357,10 +372,12 @@ def score_mask(
         height, width = src.height, src.width
         gdf = read_polygons(labels, src.crs) if is_vector else None
         lab = None if is_vector else rasterio.open(labels)
+        em = None
         try:
             if lab is not None:
                 check_label_grid(lab, src, labels, pixel_grid)
-            em = np.zeros((3, height, width), dtype=np.uint8) if error_map is not None else None
+            em = None if error_map is None else _error_map_writer(Path(error_map), width, height, src.crs,
+                                                                  src.transform)
             for row in range(0, height, ROW_STRIP):
                 win = Window(0, row, width, min(ROW_STRIP, height - row))
                 pred_raw = src.read(1, window=win)
@@ -378,41 +395,62 @@ def score_mask(
                 total.add(ConfusionCounts.from_arrays(pred, truth, valid))
                 if em is not None:
                     lab8 = np.where(valid, truth.astype(np.uint8), 255).astype(np.uint8)
-                    em[:, row : row + int(win.height)] = _error_rgb(pred, lab8)
+                    em.write_rows(row, _error_classes(pred, lab8))
+            if em is not None:
+                em.build_overviews("nearest")
+                em.close()
         finally:
             if lab is not None:
                 lab.close()
-    if em is not None:
-        _write_png(Path(error_map), em)
+            if em is not None and not em.closed:  # failed: no half-written error map is left
+                em._abort()
+                Path(error_map).unlink(missing_ok=True)
     return total
 
 
-def _error_rgb(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
-    rgb = np.zeros((3,) + label.shape, dtype=np.uint8)
-    classes = {
-        "tp": pred & (label == 1),
-        "fp": pred & (label == 0),
-        "fn": ~pred & (label == 1),
-        "ignored": (label != 0) & (label != 1),
-    }
-    for name, m in classes.items():
-        for ch, v in enumerate(ERROR_COLOURS[name]):
-            rgb[ch][m] = v
-    return rgb
+def _error_classes(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Error-map values (:data:`ERROR_CODES`) of a prediction against labels (0, 1; anything else ignored)."""
+    out = np.full(label.shape, ERROR_CODES["tn"], dtype=np.uint8)
+    out[pred & (label == 1)] = ERROR_CODES["tp"]
+    out[pred & (label == 0)] = ERROR_CODES["fp"]
+    out[~pred & (label == 1)] = ERROR_CODES["fn"]
+    out[(label != 0) & (label != 1)] = ERROR_CODES["ignored"]
+    return out
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    import rasterio
+def _error_map_writer(path: Path, width: int, height: int, crs: Any, transform: Any) -> Any:
+    """A paletted uint8 GeoTIFF for an error map (the colour table of :data:`ERROR_CODES`)."""
+    from cdmap.raster.write import RasterWriter
+    from cdmap.report.figures import ERROR_CLASSES
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(path, "w", driver="PNG", width=rgb.shape[2], height=rgb.shape[1], count=3,
-                               dtype="uint8") as dst:
-                dst.write(rgb)
-    except (OSError, rasterio.errors.RasterioError) as exc:
-        raise OutputError(f"cannot write error map: {exc}", path) from exc
+    except OSError as exc:
+        raise OutputError(f"cannot create folder: {exc.strerror or exc}", path.parent) from exc
+    colours = {k: (*rgb, 255) for k, (_name, rgb) in ERROR_CLASSES.items()}
+    return RasterWriter(path, width=width, height=height, crs=crs, transform=transform, dtype="uint8",
+                        nodata=None, colormap=colours, description="error map: 0 TN, 1 TP, 2 FP, 3 FN, 4 ignored",
+                        tags={"CDMAP_CONTENT": "error map: 0 TN, 1 TP, 2 FP, 3 FN, 4 ignored"})
+
+
+def _report_evaluation(pred_dir: Path, counts: ConfusionCounts, labels: Any, error_map: Any,
+                       copy_to: Path | None) -> None:
+    """Add the metrics and error map to ``pred_dir/report.html``; with ``copy_to``, into a copy there."""
+    import shutil
+
+    from cdmap import report
+
+    src = pred_dir / report.REPORT_NAME
+    if not src.is_file():
+        return
+    target = src
+    if copy_to is not None:
+        copy_to.mkdir(parents=True, exist_ok=True)
+        for name in (report.REPORT_NAME, report.PREVIEW_NAME):
+            if (pred_dir / name).is_file():
+                shutil.copyfile(pred_dir / name, copy_to / name)
+        target = copy_to / report.REPORT_NAME
+    report.add_evaluation(target, counts.metrics(), labels, error_map)
 
 
 def result_json(result: EvalResult) -> str:

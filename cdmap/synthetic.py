@@ -7,6 +7,7 @@ dates so that a model must tell structural change from illumination change.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,11 @@ def write_tile_set(root: str | Path, *, n_train: int = 48, n_val: int = 12, n_te
             k += 1
             name = f"{split}_{i:04d}.png"
             for sub, arr in (("A", a), ("B", b), ("label", lab[None] * 255)):
-                with rasterio.open(root / split / sub / name, "w", driver="PNG", width=size, height=size,
-                                   count=arr.shape[0], dtype="uint8") as dst:
-                    dst.write(arr)
+                with warnings.catch_warnings():  # PNG tiles have no georeferencing by design (LEVIR-CD layout)
+                    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                    with rasterio.open(root / split / sub / name, "w", driver="PNG", width=size, height=size,
+                                       count=arr.shape[0], dtype="uint8") as dst:
+                        dst.write(arr)
     return root
 
 

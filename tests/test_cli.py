@@ -30,7 +30,7 @@ def test_help_and_version_do_not_import_torch():
 
 def test_version_and_module_entry_point():
     proc = _run("-m", "cdmap", "--version")
-    assert proc.returncode == 0 and proc.stdout.strip() == f"cdmap {__version__}"
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == f"cdmap {__version__}"
 
 
 def test_unknown_option_is_usage_error():

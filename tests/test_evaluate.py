@@ -13,7 +13,7 @@ import torch
 
 from cdmap.checkpoint import Checkpoint, save_checkpoint
 from cdmap.errors import IncompatibleInputsError, UsageError
-from cdmap.evaluate import ERROR_COLOURS, evaluate_scene, evaluate_tiles, score_mask
+from cdmap.evaluate import ERROR_CODES, evaluate_scene, evaluate_tiles, score_mask
 from cdmap.metrics import ConfusionCounts
 from cdmap.models import FSGNet, ModelConfig
 
@@ -32,6 +32,15 @@ def _write(path: Path, arr: np.ndarray, driver: str = "PNG") -> Path:
                            dtype=arr.dtype) as dst:
             dst.write(arr)
     return path
+
+
+def _colours(path: Path) -> dict[int, tuple[int, ...]]:
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(path) as src:
+            return src.colormap(1)
 
 
 def _read(path: Path) -> np.ndarray:
@@ -99,15 +108,16 @@ def test_evaluate_tiles_counts_csv_and_error_maps(tmp_path, monkeypatch):
     for r, c in zip(rows, per, strict=True):
         assert [int(r[k]) for k in ("tp", "fp", "fn", "tn")] == c.as_list()
         assert float(r["f1"]) == pytest.approx(c.f1, abs=1e-6)
-    # error map colours agree with prediction/truth
+    # error map classes agree with prediction/truth; the GeoTIFF carries the TP/FP/FN colours
     a, b, lab = truth[1]
-    rgb = _read(tmp_path / "maps" / "img1.png")
+    classes = _read(tmp_path / "maps" / "img1.tif")[0]
+    assert _colours(tmp_path / "maps" / "img1.tif")[ERROR_CODES["fp"]][:3] == (255, 0, 0)
     d = 4 * ((b.astype(np.float64) - a) / 5.0).mean(0)
     pred = 1 / (1 + np.exp(-d)) >= 0.6
     for name, mask in (("tp", pred & (lab == 255)), ("fp", pred & (lab == 0)), ("fn", ~pred & (lab == 255)),
                        ("tn", ~pred & (lab == 0)), ("ignored", lab == 9)):
         assert mask.any(), name
-        assert (rgb[:, mask] == np.array(ERROR_COLOURS[name])[:, None]).all(), name
+        assert (classes[mask] == ERROR_CODES[name]).all(), name
     # threshold override, and batching same-size tiles changes nothing
     res2 = evaluate_tiles(data, ckpt, device="cpu", ignore_index=9, threshold=0.3, batch_size=2)
     assert res2.counts.as_list() == _expected(truth, 0.3)[0].as_list()
@@ -148,7 +158,7 @@ def test_evaluate_cli_real_model_json(tmp_path, capsys):
     assert [m["tp"], m["fp"], m["fn"], m["tn"]] == total.as_list()
     assert m["f1"] == pytest.approx(total.f1)
     assert out["threshold"] == 0.5 and out["n_images"] == 2
-    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["img0.png", "img1.png"]
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["img0.tif", "img1.tif"]
 
 
 # ----- scene ---------------------------------------------------------------------------------------------------
@@ -167,10 +177,15 @@ def test_score_mask_excludes_nodata_and_ignore(tmp_path, make_geotiff):
     lab = np.array([[1, 0, 0, 1], [1, 1, 7, 0]], np.uint8)
     m = make_geotiff(tmp_path / "mask.tif", pred, nodata=255)
     labp = make_geotiff(tmp_path / "lab.tif", lab)
-    c = score_mask(m, labp, ignore_index=7, error_map=tmp_path / "e.png")
+    c = score_mask(m, labp, ignore_index=7, error_map=tmp_path / "e.tif")
     assert c.as_list() == [2, 1, 1, 2]  # (0,3) nodata and (1,2) ignored
-    rgb = _read(tmp_path / "e.png")
-    assert tuple(rgb[:, 0, 0]) == ERROR_COLOURS["tp"] and tuple(rgb[:, 0, 3]) == ERROR_COLOURS["ignored"]
+    classes = _read(tmp_path / "e.tif")[0]
+    assert classes[0, 0] == ERROR_CODES["tp"] and classes[0, 3] == ERROR_CODES["ignored"]
+    import rasterio
+
+    with rasterio.open(tmp_path / "e.tif") as ds, rasterio.open(m) as ref:
+        assert ds.transform == ref.transform and ds.crs == ref.crs  # georeferenced like the mask
+    assert _colours(tmp_path / "e.tif")[ERROR_CODES["tp"]][:3] == (255, 255, 255)
     other = make_geotiff(tmp_path / "lab2.tif", np.zeros((3, 4), np.uint8))
     with pytest.raises(IncompatibleInputsError, match="is not on the grid of"):
         score_mask(m, other)
@@ -187,7 +202,7 @@ def test_evaluate_scene_raster_and_polygon_labels(tmp_path, make_pair, make_geot
     ckpt = _checkpoint(tmp_path / "m.pt", threshold=0.5, mean=(100.0,) * 3, std=(50.0,) * 3)
     keep = tmp_path / "pred"
     r1 = evaluate_scene(before, after, lab_tif, ckpt, outdir=keep, device="cpu", tile_size=64,
-                        error_map=tmp_path / "scene.png")
+                        error_map=tmp_path / "scene.tif")
     with rasterio.open(keep / "change_mask.tif") as src:
         mask = src.read(1)
     direct = ConfusionCounts.from_arrays(mask == 1, truth > 0, mask != 255)
@@ -197,4 +212,6 @@ def test_evaluate_scene_raster_and_polygon_labels(tmp_path, make_pair, make_geot
     assert r2.counts.as_list() == r1.counts.as_list()
     r3 = evaluate_scene(before, after, lab_tif, ckpt, device="cpu", tile_size=64, threshold=0.0)
     assert r3.counts.fn == 0 and r3.counts.tn == 0  # everything predicted as change
-    assert _read(tmp_path / "scene.png").shape == (3, 96, 128)
+    assert _read(tmp_path / "scene.tif").shape == (1, 96, 128)
+    with rasterio.open(tmp_path / "scene.tif") as src:
+        assert src.crs == crs and src.transform == transform

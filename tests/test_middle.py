@@ -86,7 +86,7 @@ def test_library_warnings_reach_the_cli_as_log_lines(capfd, tmp_path):
 def test_quiet_keeps_warnings_and_drops_notes(capfd, tmp_path, ckpt, one_torch_thread):
     before, after, _ = synthetic_pair(tmp_path, height=32, width=32)
     code, err = _run(capfd, "predict", before, after, "-o", tmp_path / "a", "-m", ckpt, "--vector-format", "none")
-    assert code == 0 and "cdmap: 32x32 px in" in err  # the summary is an INFO record
+    assert code == 0 and "cdmap: done: 32 x 32 px in" in err  # the summary is an INFO record
     code, err = _run(capfd, "predict", before, after, "-o", tmp_path / "b", "-m", ckpt, "--vector-format", "none",
                      "-q", "--threshold", "0.999")  # not mostly "change": no warning expected
     assert code == 0 and err == ""

@@ -115,7 +115,7 @@ def test_json_is_a_suffix_not_a_format_name(tmp_path):
     assert format_from_path(tmp_path / "o.json") == "geojson"
     assert format_from_path(tmp_path / "o.json", "geojson") == "geojson"
     for name in ("json", "shapefile", "GPKG", ".gpkg"):
-        with pytest.raises(UsageError, match=r"--vector-format must be one of gpkg, geojson, fgb, shp, not"):
+        with pytest.raises(UsageError, match=r"--vector-format must be one of gpkg, geojson, fgb, shp, parquet, not"):
             format_from_path(tmp_path / "o.gpkg", name)
 
 

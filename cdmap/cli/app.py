@@ -16,7 +16,7 @@ app = typer.Typer(
     name="cdmap",
     help="Map change between two co-registered GeoTIFF scenes with FSG-Net.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -31,14 +31,21 @@ def verbose() -> bool:
 
 def _version_callback(value: bool) -> None:
     if value:
-        typer.echo(f"cdmap {__version__}")
+        try:
+            from cdmap.doctor import versions
+
+            lines = versions()
+        except ImportError as exc:  # a broken installation still says which cdmap it is
+            lines = [f"cdmap {__version__}", f"({exc}; run cdmap doctor)"]
+        typer.echo("\n".join(lines))
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        False, "--version", callback=_version_callback, is_eager=True,
+        help="Print the versions of cdmap, torch, rasterio/GDAL and the device found, and exit."
     ),
     verbose_flag: bool = typer.Option(False, "--verbose", "-v", help="Show debug messages and tracebacks on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print warnings and errors only."),
@@ -73,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         _state["verbose"] = True
     logs.install(verbose=_state["verbose"])
     _register_commands()
-    command = typer.main.get_command(app)
     from cdmap import process
+    from cdmap.cli.help import readable_help
 
+    command = readable_help(typer.main.get_command(app))
     try:
         with process.SignalGuard():  # the one signal path of every command: SIGINT 130, SIGTERM 143
             process.fault_point("start")
@@ -121,5 +129,5 @@ def _register_commands() -> None:
     _registered = True
     import importlib
 
-    for name in ("info", "predict", "vectorize", "train", "demo"):
+    for name in ("info", "predict", "vectorize", "train", "demo", "doctor"):
         importlib.import_module(f"cdmap.cli.{name}")

@@ -20,7 +20,10 @@ def demo(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Synthetic tiles -> train FSG-Net -> map a synthetic scene -> score it against the known truth."""
+    """Synthetic tiles -> train FSG-Net -> map a synthetic scene -> score it against the known truth.
+
+    Example: cdmap demo -o demo_out
+    """
     from cdmap.demo import run_demo
 
     run_demo(output, epochs=epochs, tiles=tiles, seed=seed, device=device, overwrite=overwrite, quiet=quiet)

@@ -15,7 +15,10 @@ def info(
     checkpoint: Path = typer.Argument(..., help="A cdmap checkpoint (.pt)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Print a checkpoint's architecture, normalisation, tile size, threshold, metrics and provenance."""
+    """Print a checkpoint's architecture, normalisation, tile size, threshold, metrics and provenance.
+
+    Example: cdmap info runs/levir/best.pt
+    """
     from cdmap.checkpoint import load_checkpoint
 
     summary = load_checkpoint(checkpoint).summary()

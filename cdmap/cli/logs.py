@@ -44,14 +44,17 @@ def install(verbose: bool = False) -> logging.Handler:
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
-    warnings.showwarning = _warning_to_log
+    warnings.showwarning = show_warning
     return handler
 
 
-def _warning_to_log(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                    file: object = None, line: str | None = None) -> None:
-    """Python warnings (a library's UserWarning) become one ``cdmap: warning:`` line, not two raw lines."""
-    logging.getLogger(LOGGER).warning("%s", " ".join(str(message).split()))
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: object = None, line: str | None = None) -> None:
+    """Python warnings (rasterio's ``NotGeoreferencedWarning``...) as one ``cdmap: warning:`` line, without
+    the source line Python would print under it."""
+    text = " ".join(str(message).split())
+    name = category.__name__
+    logging.getLogger(f"{LOGGER}.warnings").warning("%s", text if name == "UserWarning" else f"{name}: {text}")
 
 
 def set_quiet() -> None:

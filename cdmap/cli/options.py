@@ -49,27 +49,39 @@ def _quiet_callback(value: bool) -> bool:
     return value
 
 
+#: GDAL warper resampling names (cdmap.raster.pair.WARP_RESAMPLINGS; tests/test_cli_help.py checks they agree)
+RESAMPLINGS = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average", "mode", "max", "min", "med",
+               "q1", "q3", "sum", "rms")
+
 Device = Annotated[str, typer.Option(
-    "--device", help="auto (CUDA when available, else CPU; the default), cpu or cuda[:N].")]
+    "--device", metavar="auto|cpu|cuda[:N]",
+    help="auto (CUDA when available, else CPU; the default), cpu or cuda[:N].")]
 Precision = Annotated[str, typer.Option(
-    "--precision", help="auto (the default: bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (fp16 on CUDA only).")]
+    "--precision", metavar="auto|fp32|bf16|fp16",
+    help="auto (the default: bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (fp16 on CUDA only).")]
 Quiet = Annotated[bool, typer.Option(
     "--quiet", "-q", callback=_quiet_callback, help="No progress bar, summary or notes; warnings and errors only.")]
 Threshold = Annotated[float | None, typer.Option(
     "--threshold", help="P(change) threshold, 0..1 (default: the checkpoint's calibrated threshold).")]
 Workers = Annotated[int, typer.Option(
-    "--workers", help="Parallel readers: threads for scenes, DataLoader processes for tiles (train: 4 by default).")]
+    "--workers", help="Parallel readers: threads for scenes, DataLoader processes for tiles (train: one per CPU "
+    "core but one, at most 8).")]
 Bands = Annotated[str | None, typer.Option(
     "--bands", help="Bands to use, 1-based and in the model's order, e.g. 3,2,1 (default: all but alpha).")]
 CreationOptions = Annotated[list[str], typer.Option(
     "--co", help="GDAL creation option NAME=VALUE for the rasters (repeatable).")]
 VectorFormat = Annotated[str, typer.Option(
-    "--vector-format", help=f"Polygon format: {', '.join(FORMATS)} (GeoJSON is RFC 7946, WGS84); predict also "
+    "--vector-format", metavar="|".join(FORMATS),
+    help=f"Polygon format: {', '.join(FORMATS)} (GeoJSON is RFC 7946, WGS84); predict also "
     "takes none (no polygons), vectorize defaults to the one the output suffix names.")]
 Backend = Annotated[str, typer.Option(
     "--backend", help="Execution backend: auto (the fastest installed one that matches torch fp32 on this device), "
     "torch, onnxruntime (pip install 'cdmap[onnx]') or openvino ('cdmap[openvino]'); a backend that fails falls "
     "back to torch with one warning.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
+Resampling = Annotated[str, typer.Option(
+    "--resampling", metavar="|".join(RESAMPLINGS[:6]) + "|...",
+    help=f"Resampling when AFTER is warped onto BEFORE's grid: {', '.join(RESAMPLINGS)}.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows or tiles per model call.")]
 TileSize = Annotated[int | None, typer.Option(

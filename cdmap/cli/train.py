@@ -30,7 +30,9 @@ def parse_floats(value: str | None, option: str) -> list[float] | None:
 
 @app.command("train")
 def train_cmd(
-    data: Path | None = typer.Argument(None, help="DATA/{train,val,test}/{A,B,label}/ or DATA/{A,B,label}/."),
+    data: list[Path] | None = typer.Argument(
+        None, help="DATA/{train,val,test}/{A,B,label}/ or DATA/{A,B,label}/; several folders are trained on "
+        "together."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Run folder (metrics.csv, best.pt, last.pt)."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder from last.pt."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (cosine schedule length) (default: 100)."),
@@ -40,12 +42,14 @@ def train_cmd(
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0.01)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Pairs per step and process (default: 32)."),
     effective_batch: int | None = typer.Option(
-        None, "--effective-batch", help="Pairs per optimiser update; accumulates gradients (default: 32)."),
+        None, "--effective-batch", help="Pairs per optimiser update; more than the batch size accumulates "
+        "gradients (default: the batch size, no accumulation)."),
     crop_size: int | None = typer.Option(None, "--crop-size", help="Random crop size, never resized (default: 256)."),
     workers: Workers = None,
     seed: int | None = typer.Option(None, "--seed", help="Seed of weights, data order, augmentation (default: 2025)."),
     backbone: str | None = typer.Option(
-        None, "--backbone", help=f"One of {backbone_names()} (default: {DEFAULT_BACKBONE})."),
+        None, "--backbone", metavar="NAME",
+        help=f"One of {backbone_names()} (default: {DEFAULT_BACKBONE})."),
     backbone_weights: Path | None = typer.Option(
         None, "--backbone-weights", help="ImageNet weights for the backbone (torchvision-style state dict)."),
     no_imagenet: bool = typer.Option(
@@ -63,14 +67,18 @@ def train_cmd(
     std: str | None = typer.Option(None, "--std", help="Per-band standard deviations (default: measured on train)."),
     val_batch_size: int | None = typer.Option(None, "--val-batch-size", help="Val tiles per batch (default: 4)."),
     select_by: str | None = typer.Option(
-        None, "--select-by", help="best.pt by f1_calibrated (F1 at the calibrated threshold) or f1 (at 0.5) "
+        None, "--select-by", metavar="f1_calibrated|f1",
+        help="best.pt by f1_calibrated (F1 at the calibrated threshold) or f1 (at 0.5) "
         "(default: f1_calibrated)."),
     stop_after: int | None = typer.Option(
         None, "--stop-after", help="Stop once this many epochs are done (resume later with --resume)."),
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train FSG-Net on change-detection tiles (reference recipe by default); torchrun for several GPUs."""
+    """Train FSG-Net on change-detection tiles (reference recipe by default); torchrun for several GPUs.
+
+    Example: cdmap train LEVIR-CD/ -o runs/levir --epochs 100
+    """
     # Long only because typer declares the options in the signature; the body maps them to TrainConfig
     # (the recipe) and TrainRuntime, then calls cdmap.train.train or cdmap.train.resume.
     from cdmap.errors import UsageError
@@ -97,9 +105,9 @@ def train_cmd(
             names = ", ".join("--" + k.replace("_", "-") for k in fixed) or "--output/--overwrite"
             raise UsageError(f"{names} cannot be changed when resuming; only --workers, --device, "
                              "--val-batch-size, --stop-after and --quiet can")
-        result = resume_run(resume, data, quiet=quiet, **runtime)
+        result = resume_run(resume, data or None, quiet=quiet, **runtime)
     else:
-        if data is None:
+        if not data:
             raise UsageError("missing DATA (or use --resume RUN)")
         if output is None:
             raise UsageError("missing -o/--output RUN folder")
@@ -122,7 +130,8 @@ def evaluate_cmd(
         None, "--split", help="Sub-folder of DATA to evaluate (default: test; a flat DATA is scored whole, with a "
         "warning, and refuses --split)."),
     scene: tuple[options.RasterIn, options.RasterIn, options.RasterIn] | None = typer.Option(
-        None, "--scene", help="BEFORE AFTER LABELS: evaluate a whole scene through the predict pipeline "
+        None, "--scene", metavar="BEFORE AFTER LABELS",
+        help="BEFORE AFTER LABELS: evaluate a whole scene through the predict pipeline "
         "(LABELS: raster on the output grid, or polygons)."),
     mask: options.RasterIn | None = typer.Option(
         None, "--mask", help="--scene: score this existing change mask (1 change, 0 none) instead of predicting."),
@@ -132,7 +141,8 @@ def evaluate_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Write per-image metrics to this CSV."),
     error_maps: Path | None = typer.Option(
-        None, "--error-maps", help="Write colour error maps here (TP white, TN black, FP red, FN green)."),
+        None, "--error-maps", help="Write error maps here: GeoTIFFs with a colour table (TP white, TN black, "
+        "FP red, FN green, ignored grey); --scene also adds them to the report."),
     ignore_index: int | None = typer.Option(None, "--ignore-index", help="Label value meaning 'unlabelled'."),
     batch_size: BatchSize = 1,
     workers: Workers = 0,
@@ -143,7 +153,10 @@ def evaluate_cmd(
         None, "--prediction-dir", help="--scene: keep the prediction outputs in this folder."),
     quiet: Quiet = False,
 ) -> None:
-    """Precision, recall, F1, IoU (change class), OA and kappa of a checkpoint on labelled tiles or a scene."""
+    """Precision, recall, F1, IoU (change class), OA and kappa of a checkpoint on labelled tiles or a scene.
+
+    Example: cdmap evaluate LEVIR-CD/ -m runs/levir/best.pt --split test
+    """
     from cdmap.errors import UsageError
     from cdmap.evaluate import evaluate_scene, evaluate_tiles, result_json
     from cdmap.labels import parse_label_values
@@ -162,7 +175,7 @@ def evaluate_cmd(
                 "quiet": quiet}
         if tile_size is not None:
             opts["tile_size"] = tile_size
-        err = None if error_maps is None else error_maps / "scene_error_map.png"
+        err = None if error_maps is None else error_maps / "scene_error_map.tif"
         result = evaluate_scene(*scene, model, threshold=threshold, outdir=prediction_dir,
                                 ignore_index=ignore_index, error_map=err, mask=mask, label_values=coding,
                                 labels_pixel_grid=labels_pixel_grid, **opts)
@@ -192,15 +205,19 @@ def tiles_cmd(
         ..., help="Change labels: raster on BEFORE's grid, or polygons (gpkg/geojson/shp)."),
     output: Path = typer.Option(..., "-o", "--output", help="DATA folder to write {train,val,test}/{A,B,label}/."),
     tile_size: int = typer.Option(256, "--tile-size", help="Tile size in pixels (edge tiles are smaller)."),
-    split: str = typer.Option("0.7,0.15,0.15", "--split", help="Train,val,test fractions of the tiles."),
+    split: str = typer.Option("0.7,0.15,0.15", "--split", metavar="TRAIN,VAL,TEST",
+                              help="Train,val,test fractions of the tiles."),
     seed: int = typer.Option(0, "--seed", help="Seed of the tile shuffle that assigns splits."),
-    fmt: str = typer.Option("tif", "--format", help="tif (GeoTIFF, keeps georeferencing) or png."),
+    fmt: str = typer.Option("tif", "--format", metavar="tif|png", help="tif (GeoTIFF, keeps georeferencing) or png."),
     label_values: options.LabelValues = None,
     labels_pixel_grid: options.LabelsPixelGrid = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Cut a scene pair and its labels into LEVIR-layout training tiles with train/val/test splits."""
+    """Cut a scene pair and its labels into LEVIR-layout training tiles with train/val/test splits.
+
+    Example: cdmap tiles before.tif after.tif labels.gpkg -o DATA/
+    """
     from cdmap.labels import parse_label_values
     from cdmap.train.tiles import make_tiles
 

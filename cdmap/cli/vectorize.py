@@ -18,7 +18,8 @@ def vectorize(
         "or float 0..1).",
     ),
     output: Path = typer.Option(
-        ..., "-o", "--output", help="Vector file; the format follows the suffix (.gpkg, .geojson, .fgb, .shp)."
+        ..., "-o", "--output",
+        help="Vector file; the format follows the suffix (.gpkg, .geojson, .fgb, .shp, .parquet)."
     ),
     threshold: float | None = typer.Option(
         None,
@@ -37,7 +38,10 @@ def vectorize(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Polygonize the change pixels of RASTER into OUTPUT (id, area_m2, perimeter_m, mean_prob, max_prob)."""
+    """Polygonize the change pixels of RASTER into OUTPUT (id, area_m2, perimeter_m, mean_prob, max_prob).
+
+    Example: cdmap vectorize out/change_probability.tif --threshold 0.6 -o changes_06.gpkg
+    """
     from cdmap.vector import vectorize_raster
 
     stats = vectorize_raster(raster, output, threshold=threshold, prob_raster=prob, min_area=min_area,

@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from cdmap.raster.pair import ScenePair
 
 ROW_BLOCK = 512  # rows per write: whole rows of 512-pixel GeoTIFF tiles
+#: the mask's colour table: change red, no change transparent white, nodata transparent black
+MASK_COLOURS = {1: (230, 25, 45, 255), 0: (255, 255, 255, 0), MASK_NODATA: (0, 0, 0, 0)}
+HIST_BINS = 50  # bins of the P(change) histogram in run.json and the report
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class RasterStats:
     valid_pixels: int = 0
     changed_pixels: int = 0
     changed_area_m2: float = 0.0
+    prob_histogram: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, dtype=np.int64))
+    """Valid pixels per P(change) bin of width 1/HIST_BINS (the last bin includes 1.0)."""
 
 
 def change_mask(data: np.ndarray, valid: np.ndarray, threshold: float, prob_dtype: str) -> np.ndarray:
@@ -81,6 +86,13 @@ def _changed_area_m2(pair: ScenePair, is_change: np.ndarray, row0: int) -> float
 
     per_px = pixel_area_m2_rows(pair.crs, pair.transform, row0, row0 + rows, pair.width, height=pair.height)
     return float((is_change.sum(axis=1) * per_px).sum())
+
+
+def _histogram(values: np.ndarray, is_u8: bool) -> np.ndarray:
+    """Counts of ``values`` (stored probabilities) per bin of width 1/HIST_BINS."""
+    p = values * (1.0 / 255.0) if is_u8 else values.astype(np.float64)
+    idx = np.clip((p * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
+    return np.bincount(idx, minlength=HIST_BINS)
 
 
 def raster_tags(ctx: AssemblyContext) -> dict[str, str]:
@@ -152,7 +164,7 @@ def _write_tiffs(ctx: AssemblyContext) -> RasterStats:
                           description="P(change)", mask_band=is_u8, **common)
     mask_w = RasterWriter(ctx.mask_path, dtype="uint8", nodata=MASK_NODATA,
                           tags={**tags, "CDMAP_CONTENT": "change mask: 1 change, 0 no change, 255 nodata"},
-                          description="change mask", **common)
+                          description="change mask", colormap=MASK_COLOURS, **common)
     stats = RasterStats()
     rows = 0
     with prob_w, mask_w:
@@ -167,6 +179,7 @@ def _write_tiffs(ctx: AssemblyContext) -> RasterStats:
             stats.changed_pixels += int(is_change.sum())
             stats.valid_pixels += int(v.sum())
             stats.changed_area_m2 += _changed_area_m2(pair, is_change, row0)
+            stats.prob_histogram += _histogram(d[v], is_u8)
             rows = row0 + d.shape[0]
         if rows != grid.height:
             raise RuntimeError(f"assembled {rows} of {grid.height} rows")  # journal bug guard

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
-from cdmap.errors import UsageError
+from cdmap.errors import InputError, UsageError
 from cdmap.vector.write import check_format_name
 
 
@@ -76,14 +77,18 @@ class PredictOptions:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """Options that never change an output byte: reader threads, notes, replacing outputs, resuming, and how
-    long a rank of a torchrun job waits for the others (``rank_timeout``, seconds)."""
+    """Options that never change an output byte: reader threads, notes, replacing outputs, resuming, how long a
+    rank of a torchrun job waits for the others (``rank_timeout``, seconds), and the outputs made from the
+    finished rasters (``report``: preview.png and report.html; ``zones``: a polygon file whose per-zone changed
+    area goes to change_by_zone.csv/.gpkg)."""
 
     workers: int = 2
     quiet: bool = False
     overwrite: bool = False
     resume: bool = False
     rank_timeout: float = 7200.0  # = cdmap.distributed.DEFAULT_TIMEOUT_S (not imported: it pulls in torch)
+    report: bool = True
+    zones: str | None = None
 
     def check(self) -> None:
         """Raise :class:`UsageError` for an unusable value."""
@@ -91,6 +96,8 @@ class RunOptions:
             raise UsageError("--workers must be >= 1")
         if self.rank_timeout <= 0:
             raise UsageError("--rank-timeout must be > 0 seconds")
+        if self.zones is not None and not Path(self.zones).is_file():
+            raise InputError("zones file not found", Path(self.zones))
 
 
 _PREDICT_FIELDS = {f.name for f in fields(PredictOptions)}

@@ -30,6 +30,11 @@ VECTOR_NAME = "changes"
 # format name -> suffix of the file predict writes; the formats themselves are cdmap.vector's
 VECTOR_FORMATS = {name: suffixes[0] for name, (_driver, suffixes) in VECTOR_DRIVERS.items()} | {"none": None}
 MASK_NODATA = 255
+STYLE_NAME = "change_probability.qml"
+ZONES_NAME = "change_by_zone"  # .csv and .gpkg
+#: outputs written beside the rasters when asked for (key -> file name); renamed into place with the others
+EXTRA_NAMES = {"style": STYLE_NAME, "preview": "preview.png", "report": "report.html",
+               "zones_csv": f"{ZONES_NAME}.csv", "zones_gpkg": f"{ZONES_NAME}.gpkg"}
 
 
 @dataclass
@@ -54,6 +59,12 @@ def output_paths(outdir: Path, vector_format: str) -> dict[str, Path]:
             for e in (".shx", ".dbf", ".prj", ".cpg"):
                 paths[f"vectors{e}"] = outdir / f"{VECTOR_NAME}{e}"
     return paths
+
+
+def extra_output_paths(outdir: Path, report: bool, zones: bool) -> dict[str, Path]:
+    """The final names of the optional outputs: the QGIS style always, the report and zone tables when asked."""
+    keys = ["style"] + (["preview", "report"] if report else []) + (["zones_csv", "zones_gpkg"] if zones else [])
+    return {k: outdir / EXTRA_NAMES[k] for k in keys}
 
 
 def prepare_outdir(outdir: Path, finals: dict[str, Path], overwrite: bool, resuming: bool = False) -> None:
@@ -131,7 +142,8 @@ def run_summary(ctx: AssemblyContext, rasters: RasterStats, vectors: Any, timing
     assert grid is not None
     ckpt = plan.checkpoint
     total_px = grid.height * grid.width
-    run_opts = {k: v for k, v in asdict(ctx.run).items() if k != "quiet"}
+    run_opts = {k: v for k, v in asdict(ctx.run).items() if k not in ("quiet", "json")}
+    hist = rasters.prob_histogram
     return {
         "cdmap_version": __version__,
         "inputs": {"before": str(ctx.before), "after": str(ctx.after),
@@ -140,6 +152,7 @@ def run_summary(ctx: AssemblyContext, rasters: RasterStats, vectors: Any, timing
                    "transform": list(pair.transform)[:6]},
         "alignment": pair.alignment.to_dict(),
         "options": asdict(plan.options) | run_opts | {"blend_margin": grid.blend_margin},
+        "window": {"tile": plan.tile, "overlap": plan.overlap, "margin": grid.blend_margin},
         "model": {"checkpoint": str(ckpt.source) if ckpt.source else None, "sha256": ckpt.sha256,
                   "config": ckpt.model_config.to_dict(), "trained_tile_size": ckpt.tile_size},
         "device": compute.device,
@@ -154,6 +167,10 @@ def run_summary(ctx: AssemblyContext, rasters: RasterStats, vectors: Any, timing
         "valid_pixels": rasters.valid_pixels,
         "changed_pixels": rasters.changed_pixels,
         "changed_area_m2": round(rasters.changed_area_m2, 3),
+        "changed_area_ha": round(rasters.changed_area_m2 / 1e4, 5),
+        "changed_share": round(rasters.changed_pixels / rasters.valid_pixels, 6) if rasters.valid_pixels else None,
+        "threshold": plan.threshold,
+        "probability_histogram": {"bin_width": 1 / len(hist), "counts": [int(c) for c in hist]},
         "polygons": vectors.n_polygons if vectors else None,
         "seam_ratio": compute.blend.seam_ratio,
         "overlap_disagreement": compute.blend.overlap_disagreement,
@@ -179,6 +196,7 @@ def commit_outputs(journal: Journal, finals: dict[str, Path], summary: dict[str,
         moves = [(workdir / PROB_NAME, finals["probability"]), (workdir / MASK_NAME, finals["mask"])]
         if vectors is not None:
             moves += [(f, finals["vectors"].with_name(f.name)) for f in sorted(vectors.parent.iterdir())]
+        moves += [(workdir / finals[k].name, finals[k]) for k in EXTRA_NAMES if k in finals]
         moves.append((tmp_run, finals["run"]))  # last: run.json marks a complete run
         for src, dst in moves:
             os.replace(src, dst)
@@ -190,16 +208,18 @@ def commit_outputs(journal: Journal, finals: dict[str, Path], summary: dict[str,
 
 
 def summary_paragraph(r: PredictResult) -> str:
-    """The closing lines printed after a run."""
+    """The closing lines printed after a run: size, wall time, changed area, polygons, seams, outputs."""
     s = r.summary
     seam = s["seam_ratio"]
+    share = s.get("changed_share")
+    kpix = (s["mpix_per_s"] or 0.0) * 1000
+    names = [Path(p).name for p in s["outputs"].values()]
     return (
-        f"{s['inputs']['width']}x{s['inputs']['height']} px in {s['timings']['total_s']:.1f} s "
-        f"({s['mpix_per_s']:.2f} MPix/s on {s['device']}, {s['precision']}); "
-        f"{s['changed_pixels']} changed px ({s['changed_area_m2']:.1f} m2)"
-        + (f" in {s['polygons']} polygons" if s["polygons"] is not None else "")
-        + (f"; seam ratio {seam:.3f}" if seam is not None else "")
-        + f". Outputs in {r.outdir}: {PROB_NAME}, {MASK_NAME}"
-        + (f", {r.vectors.name}" if r.vectors else "")
-        + f", {RUN_NAME}."
+        f"done: {s['inputs']['width']:,} x {s['inputs']['height']:,} px in {s['timings']['total_s']:.1f} s "
+        f"({kpix:,.3g} kPix/s on {s['device']}, {s['precision']})\n"
+        f"  changed   {s['changed_area_m2']:,.1f} m² = {s['changed_area_m2'] / 1e4:,.4g} ha"
+        + (f" ({100 * share:.2f} % of the valid scene)" if share is not None else "")
+        + (f", {s['polygons']:,} polygon{'s' if s['polygons'] != 1 else ''}" if s["polygons"] is not None else "")
+        + (f"\n  seams     ratio {seam:.3f} (1.0 = none)" if seam is not None else "")
+        + f"\n  outputs   {r.outdir}/: {', '.join(names)}"
     )

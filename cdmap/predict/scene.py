@@ -16,12 +16,14 @@ from cdmap.errors import CdmapError, Interrupted, RankError
 from cdmap.files import check_outputs_spare_inputs, with_sidecars
 from cdmap.predict.assemble import AssemblyContext, write_rasters, write_vectors
 from cdmap.predict.compute import ComputeStats, compute_strips, gdal_cache_bytes, journal_blend, merge_reports
+from cdmap.predict.extras import write_extras
 from cdmap.predict.journal import WORKDIR_NAME, Journal, open_journal
 from cdmap.predict.options import PredictOptions, RunOptions, split_overrides
 from cdmap.predict.outputs import (
     PredictResult,
     check_free_space,
     commit_outputs,
+    extra_output_paths,
     finished_run,
     manifest_key,
     output_errors,
@@ -99,7 +101,7 @@ def predict_one(before: str | os.PathLike, after: str | os.PathLike, outdir: str
     try:
         plan = plan.on_grid(pair.height, pair.width)
         outdir = Path(outdir)
-        finals = output_paths(outdir, opts.vector_format)
+        finals = output_paths(outdir, opts.vector_format) | extra_output_paths(outdir, run.report, bool(run.zones))
         workdir = outdir / WORKDIR_NAME
         identities = (input_identity(before), input_identity(after))
         manifest = plan.manifest(before, after, identities)
@@ -185,8 +187,8 @@ def _compute_share(pair: Any, plan: PredictPlan, journal: Journal, run: RunOptio
 
 def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float, reports: list[RankReport],
             warnings: list[str]) -> dict[str, Any]:
-    """Rasters, polygons, run.json (with ``warnings`` and the changed-share check), then everything renamed into
-    place; returns the summary."""
+    """Rasters, polygons, run.json (with ``warnings`` and the changed-share check), the extras (style, zones,
+    report), then everything renamed into place; returns the summary."""
     from cdmap.predict.fit import changed_share_warning
 
     with output_errors(ctx.journal.workdir.parent):
@@ -201,5 +203,6 @@ def _finish(ctx: AssemblyContext, timings: dict[str, float], t_start: float, rep
         if share:
             log.warning("%s", share)
         summary["warnings"] = [*warnings, *([share] if share else [])]
+        write_extras(ctx, summary, vec_path)
         commit_outputs(ctx.journal, ctx.finals, summary, vec_path)
     return summary

@@ -31,7 +31,7 @@ from cdmap.raster.cog import to_cog, validate_cog
 from cdmap.raster.gdal_errors import GDAL_ERRORS, capture_option_warnings, gdal_message, option_error
 
 __all__ = ["RasterWriter", "to_cog", "validate_cog", "default_creation_options", "overview_factors",
-           "BLOCK_SIZE"]
+           "BLOCK_SIZE", "qgis_probability_style", "write_qgis_style"]
 
 BLOCK_SIZE = 512
 
@@ -124,7 +124,8 @@ class RasterWriter:
     ``scale``/``offset`` are stored as GDAL band scale/offset (value = raw * scale + offset), ``tags`` as
     dataset metadata (non-string values JSON-encoded), ``description`` as the band description(s).
     ``mask_band=True`` adds an internal per-dataset mask written with :meth:`write_mask_rows` (for
-    outputs without a nodata value).
+    outputs without a nodata value). ``colormap`` (value -> RGBA) makes band 1 a paletted band, so GIS
+    viewers show the classes in those colours.
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class RasterWriter:
         offset: float | None = None,
         description: str | None = None,
         mask_band: bool = False,
+        colormap: dict[int, tuple[int, int, int, int]] | None = None,
     ) -> None:
         self.path = Path(path)
         self.width, self.height, self.count = int(width), int(height), int(count)
@@ -178,6 +180,8 @@ class RasterWriter:
             if description:
                 for i in range(1, self.count + 1):
                     self._ds.set_band_description(i, description)
+            if colormap:
+                self._ds.write_colormap(1, colormap)
         except GDAL_ERRORS as exc:
             self._abort()
             raise OutputError(f"cannot write raster metadata: {gdal_message(exc)}{_free_space_note(self.path)}",
@@ -291,3 +295,55 @@ class RasterWriter:
 
     def __repr__(self) -> str:
         return f"RasterWriter({str(self.path)!r}, {self.width}x{self.height}x{self.count} {self.dtype.name})"
+
+
+#: (value, colour) stops of the probability colour ramp (matplotlib's magma; low = dark, high = bright).
+PROBABILITY_RAMP = ((0.0, "#000004"), (0.25, "#51127c"), (0.5, "#b73779"), (0.75, "#fc8961"), (1.0, "#fcfdbf"))
+
+
+def qgis_probability_style() -> str:
+    """A QGIS layer style (``.qml``) showing P(change) 0..1 with :data:`PROBABILITY_RAMP`.
+
+    QGIS applies the band scale/offset, so one style serves the uint8 (scale 1/255) and float32 rasters.
+    """
+    items = "\n".join(f'          <item alpha="255" value="{v:g}" label="{v:.2f}" color="{c}"/>'
+                      for v, c in PROBABILITY_RAMP)
+    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.28.0" styleCategories="Symbology">
+  <pipe>
+    <rasterrenderer type="singlebandpseudocolor" band="1" opacity="1" alphaBand="-1"
+                    classificationMin="0" classificationMax="1" nodataColor="">
+      <rasterTransparency/>
+      <minMaxOrigin>
+        <limits>None</limits>
+        <extent>WholeRaster</extent>
+        <statAccuracy>Estimated</statAccuracy>
+        <cumulativeCutLower>0.02</cumulativeCutLower>
+        <cumulativeCutUpper>0.98</cumulativeCutUpper>
+        <stdDevFactor>2</stdDevFactor>
+      </minMaxOrigin>
+      <rastershader>
+        <colorrampshader colorRampType="INTERPOLATED" classificationMode="1" clip="0"
+                         minimumValue="0" maximumValue="1" labelPrecision="2">
+{items}
+        </colorrampshader>
+      </rastershader>
+    </rasterrenderer>
+    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
+    <huesaturation saturation="0" colorizeOn="0" grayscaleMode="0" invertColors="0"/>
+    <rasterresampler maxOversampling="2"/>
+  </pipe>
+  <blendMode>0</blendMode>
+</qgis>
+"""
+
+
+def write_qgis_style(raster: str | os.PathLike) -> Path:
+    """Write :func:`qgis_probability_style` as ``<raster stem>.qml`` beside ``raster`` (QGIS loads it with
+    the layer); returns its path."""
+    path = Path(raster).with_suffix(".qml")
+    try:
+        path.write_text(qgis_probability_style())
+    except OSError as exc:
+        raise OutputError(f"cannot write QGIS style: {exc.strerror or exc}", path) from exc
+    return path

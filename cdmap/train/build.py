@@ -63,6 +63,7 @@ class Session:
     cfg: TrainConfig
     rt: TrainRuntime
     data_dir: Path
+    """The first data folder (``data_dirs`` holds them all)."""
     run_dir: Path
     dist: Dist
     log: Log
@@ -83,9 +84,10 @@ class Session:
     train_loader: Any
     val_loader: Any
     predictor: Any
+    data_dirs: list[Path] = field(default_factory=list)
 
 
-def build(data_dir: Path, run_dir: Path, cfg: TrainConfig, rt: TrainRuntime, dist: Dist,
+def build(data_dir: Path | list[Path], run_dir: Path, cfg: TrainConfig, rt: TrainRuntime, dist: Dist,
           ckpt: Any = None) -> Session:
     """A ready session; ``ckpt`` (a ``last.pt`` with training state) resumes it."""
     from cdmap.inference import Predictor
@@ -110,8 +112,9 @@ def build(data_dir: Path, run_dir: Path, cfg: TrainConfig, rt: TrainRuntime, dis
     accum = max(1, math.ceil(cfg.effective_batch / (cfg.batch_size * dist.world)))
     sampler, train_loader, val_loader = _loaders(splits, mean, std, cfg, rt, dist, device)
     predictor = Predictor(model, mean, std, device, cfg.precision)
-    s = Session(cfg, rt, data_dir, run_dir, dist, log, device, dtype, channels_last, splits, mean, std, mcfg,
-                model, net, optim, progress, accum, sampler, train_loader, val_loader, predictor)
+    dirs = data_dirs(data_dir)
+    s = Session(cfg, rt, dirs[0], run_dir, dist, log, device, dtype, channels_last, splits, mean, std, mcfg,
+                model, net, optim, progress, accum, sampler, train_loader, val_loader, predictor, dirs)
     _log_setup(s)
     return s
 
@@ -158,15 +161,18 @@ def _device(cfg: TrainConfig, rt: TrainRuntime, dist: Dist) -> tuple[torch.devic
     return device, autocast_dtype(resolve_precision(cfg.precision, device)), channels_last
 
 
-def _data(data_dir: Path, cfg: TrainConfig, rt: TrainRuntime, ckpt: Any,
+def _data(data_dir: Path | list[Path], cfg: TrainConfig, rt: TrainRuntime, ckpt: Any,
           log: Log) -> tuple[Any, TrainConfig, list[float], list[float]]:
     """Discover the splits; normalisation from the checkpoint, the recipe or measured on train."""
     from cdmap.data import discover
     from cdmap.train.data import compute_stats
 
     workers = max(1, rt.workers)
-    splits = discover(data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, ignore_index=cfg.ignore_index,
-                      workers=workers, expected_bands=cfg.in_channels, label_values=cfg.label_coding)
+    dirs = data_dirs(data_dir)
+    parts = [discover(d, val_fraction=cfg.val_fraction, seed=cfg.seed, ignore_index=cfg.ignore_index,
+                      workers=workers, expected_bands=cfg.in_channels, label_values=cfg.label_coding) for d in dirs]
+    splits = _merge_splits(parts, dirs)
+    data_dir = dirs[0]
     bands = splits.bands
     if cfg.in_channels is not None and cfg.in_channels != bands:
         raise InputError(f"--in-channels {cfg.in_channels} given but the images have {bands} bands", data_dir)
@@ -183,9 +189,37 @@ def _data(data_dir: Path, cfg: TrainConfig, rt: TrainRuntime, ckpt: Any,
             f"mean {[round(m, 3) for m in mean]}, std {[round(s, 3) for s in std]}")
     if ckpt is None:
         cfg = dataclasses.replace(cfg, in_channels=bands, mean=mean, std=std)
-    log(f"data {data_dir} ({splits.layout} layout): {len(splits.train)} train / {len(splits.val)} val pairs, "
+    log(f"data {', '.join(map(str, dirs))} ({splits.layout} layout): {len(splits.train)} train / "
+        f"{len(splits.val)} val pairs, "
         f"{bands} band(s)")
     return splits, cfg, mean, std
+
+
+def data_dirs(data_dir: Path | list[Path] | tuple[Path, ...]) -> list[Path]:
+    """One or several data folders as a list of absolute paths (stored so a resume works from anywhere)."""
+    dirs = list(data_dir) if isinstance(data_dir, list | tuple) else [data_dir]
+    if not dirs:
+        raise UsageError("a data folder is needed")
+    return [Path(d).expanduser().absolute() for d in dirs]
+
+
+def _merge_splits(parts: list[Any], dirs: list[Path]) -> Any:
+    """The pairs of several folders as one training set; names get the folder's name so none collide."""
+    if len(parts) == 1:
+        return parts[0]
+    from cdmap.data import DataSplits
+
+    bands = {p.bands for p in parts}
+    if len(bands) > 1:
+        listing = ", ".join(f"{d} ({p.bands})" for d, p in zip(dirs, parts, strict=True))
+        raise InputError(f"the data folders have different band counts: {listing}", dirs[0])
+
+    def tagged(pairs: list[Any], d: Path) -> list[Any]:
+        return [dataclasses.replace(p, name=f"{d.name}/{p.name}") for p in pairs]
+
+    train = [q for p, d in zip(parts, dirs, strict=True) for q in tagged(p.train, d)]
+    val = [q for p, d in zip(parts, dirs, strict=True) for q in tagged(p.val, d)]
+    return DataSplits("+".join(p.layout for p in parts), train, val, bands.pop())
 
 
 def _model(cfg: TrainConfig, ckpt: Any, dist: Dist, device: torch.device, channels_last: bool,
@@ -289,8 +323,10 @@ def _log_setup(s: Session) -> None:
     cfg, world = s.cfg, s.dist.world
     effective = s.accum * cfg.batch_size * world
     precision = str(s.autocast_dtype).replace("torch.", "") if s.autocast_dtype else "fp32"
+    accum = f" x {s.accum} accumulation steps" if s.accum > 1 else ""
     s.log(f"model {cfg.backbone}, device {s.device}{f' x{world}' if world > 1 else ''}, precision "
-          f"{precision}, batch {cfg.batch_size} x {s.accum} accumulation"
-          f"{f' x {world} processes' if world > 1 else ''} = {effective}, crop {cfg.crop_size}, {cfg.epochs} epochs")
+          f"{precision}, effective batch {effective} (batch {cfg.batch_size}{accum}"
+          f"{f' x {world} processes' if world > 1 else ''}), {s.rt.workers} loader workers, crop "
+          f"{cfg.crop_size}, {cfg.epochs} epochs")
     if effective != cfg.effective_batch:
         s.log(f"note: effective batch {effective} (asked {cfg.effective_batch}; rounded up to whole micro-batches)")

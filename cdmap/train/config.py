@@ -36,15 +36,27 @@ class _Plain:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def default_workers() -> int:
+    """DataLoader processes that fit this machine: one per usable core but one (the main process), at most 8."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
 @dataclass
 class TrainRuntime(_Plain):
     """How a run executes; none of it changes the results, and all of it may change on resume.
 
-    ``stop_after_epoch`` applies to one call only (resume drops it); ``overwrite`` replaces a previous run in
+    ``workers`` (DataLoader processes) defaults to :func:`default_workers`. ``stop_after_epoch`` applies to one
+    call only (resume drops it); ``overwrite`` replaces a previous run in
     the run folder (ignored by resume). The others persist across resume unless overridden.
     """
 
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)
     device: str = "auto"
     quiet: bool = False
     overwrite: bool = False
@@ -82,7 +94,8 @@ class TrainConfig(_Plain):
     min_lr: float = 1e-6
     weight_decay: float = 0.01
     batch_size: int = 32
-    effective_batch: int = 32
+    effective_batch: int | None = None
+    """Pairs per optimiser update; ``None``: the batch size (no gradient accumulation)."""
     crop_size: int = 256
     seed: int = 2025
     backbone: str = DEFAULT_BACKBONE
@@ -117,6 +130,8 @@ class TrainConfig(_Plain):
                           "cdmap.train.train(..., runtime=TrainRuntime(...)) or as keywords", DeprecationWarning,
                           stacklevel=3)
         self.legacy_runtime: dict[str, Any] = legacy
+        if self.effective_batch is None:
+            self.effective_batch = self.batch_size
         """Runtime keywords given to the constructor (deprecated); :func:`cdmap.train.train` applies them."""
         checks = [
             (self.epochs >= 1, "--epochs must be >= 1"),

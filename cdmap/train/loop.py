@@ -14,8 +14,9 @@ Deliberate deviations, each documented:
 - the data order and every random crop/augmentation depend only on (seed, epoch, sample index), so runs are
   reproducible whatever the number of workers, and ``resume`` continues bit-exactly (same device and threads).
 
-Files in the run folder (written by rank 0 only): ``metrics.csv`` (one row per epoch), ``best.pt``, ``last.pt``
-(the full training state for :func:`resume`) and ``config.json`` (the recipe, the runtime and the data folder).
+Files in the run folder (written by rank 0 only): ``metrics.csv`` (one row per epoch), ``training.png`` (its loss
+and F1 curves, when matplotlib is installed), ``best.pt``, ``last.pt`` (the full training state for :func:`resume`)
+and ``config.json`` (the recipe, the runtime and the absolute data folders).
 
 Validation runs whole val tiles at native resolution and accumulates 256-bin histograms of P(change) per class;
 ``val_precision/recall/f1/iou`` in the CSV are at threshold 0.5 (the reference's argmax), ``val_threshold`` is the
@@ -43,7 +44,7 @@ from cdmap import process
 from cdmap.distributed import init_distributed
 from cdmap.errors import Interrupted, ResumeError, UsageError
 from cdmap.files import replaced_atomically
-from cdmap.train.build import Session, build
+from cdmap.train.build import Session, build, data_dirs
 from cdmap.train.config import TrainConfig, TrainResult, TrainRuntime
 from cdmap.train.state import dropblock_schedule, rng_state, set_rng_state, to_cpu
 
@@ -57,13 +58,14 @@ PLAIN_INTERVAL_S = 60.0
 
 # ----- the two entry points ------------------------------------------------------------------------------------
 def train(
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | list[str | os.PathLike],
     run_dir: str | os.PathLike,
     config: TrainConfig | None = None,
     runtime: TrainRuntime | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train FSG-Net on ``data_dir`` (LEVIR-CD layout or flat A/B/label) into ``run_dir`` with ``config``.
+    """Train FSG-Net on ``data_dir`` (LEVIR-CD layout or flat A/B/label; or a list of such folders, trained on
+    together) into ``run_dir`` with ``config``.
 
     ``runtime`` (and keyword ``overrides`` of its fields: ``workers``, ``device``, ``quiet``, ``overwrite``,
     ``stop_after_epoch``, ``val_batch_size``) says how to run; it changes nothing in the results. Under
@@ -76,7 +78,7 @@ def train(
         raise UsageError("a data folder is needed (or resume an existing run)")
     cfg = config or TrainConfig()
     rt = (runtime or TrainRuntime()).with_overrides({**cfg.legacy_runtime, **overrides})
-    return _run(Path(data_dir), Path(run_dir), cfg, rt, None)
+    return _run(data_dirs(data_dir), Path(run_dir), cfg, rt, None)
 
 
 def resume(
@@ -108,15 +110,15 @@ def resume(
         stored = TrainRuntime.from_dict(state.get("runtime") or state["config"])
         runtime = dataclasses.replace(stored, stop_after_epoch=None, overwrite=False)
     rt = runtime.with_overrides(overrides)
-    data = data_dir if data_dir is not None else state.get("data_dir")
-    return _run(Path(data), run_dir, cfg, rt, ckpt)
+    data = data_dir if data_dir is not None else state.get("data_dirs") or state.get("data_dir")
+    return _run(data_dirs(data), run_dir, cfg, rt, ckpt)
 
 
-def _run(data_dir: Path, run_dir: Path, cfg: TrainConfig, rt: TrainRuntime, ckpt: Any) -> TrainResult:
+def _run(dirs: list[Path], run_dir: Path, cfg: TrainConfig, rt: TrainRuntime, ckpt: Any) -> TrainResult:
     """Build the session, run its epochs, report."""
     dist = init_distributed(rt.device)
     try:
-        s = build(data_dir, run_dir, cfg, rt, dist, ckpt)
+        s = build(dirs, run_dir, cfg, rt, dist, ckpt)
         if ckpt is not None:
             rng = ckpt.training_state.get("rng_per_rank") or [ckpt.training_state.get("rng")]
             set_rng_state(rng[min(dist.rank, len(rng) - 1)])
@@ -303,6 +305,7 @@ def _save(s: Session, epoch: int, thr: float, metrics: dict[str, float], rng_all
         "config": cfg.to_dict(),
         "runtime": s.rt.to_dict(),
         "data_dir": str(s.data_dir),
+        "data_dirs": [str(d) for d in s.data_dirs],
         "optimizer": to_cpu(optim.optimizer.state_dict()),
         "scheduler": to_cpu(optim.scheduler.state_dict()),
         "scaler": optim.scaler.state_dict() if optim.use_scaler else {},
@@ -311,13 +314,17 @@ def _save(s: Session, epoch: int, thr: float, metrics: dict[str, float], rng_all
         "history": s.progress.history,
         "world_size": s.dist.world,
     }
+    from cdmap.report import TRAINING_PLOT_NAME, write_training_plot
+
     with process.signals_blocked():  # the run's files change together, never half of them
         save_checkpoint(Checkpoint(s.mcfg, weights, s.mean, s.std, training_state=training_state, **common),
                         s.run_dir / "last.pt")
         _write_csv(s.run_dir / "metrics.csv", s.progress.history)
         with replaced_atomically(s.run_dir / "config.json") as tmp:  # with the first last.pt, not before
-            tmp.write_text(json.dumps({"data_dir": str(s.data_dir), **cfg.to_dict(), "runtime": s.rt.to_dict()},
-                                      indent=2))
+            # absolute data paths: ``--resume`` works from any directory
+            tmp.write_text(json.dumps({"data_dir": str(s.data_dir), "data_dirs": [str(d) for d in s.data_dirs],
+                                       **cfg.to_dict(), "runtime": s.rt.to_dict()}, indent=2))
+    write_training_plot(s.progress.history, s.run_dir / TRAINING_PLOT_NAME)
 
 
 def _write_csv(path: Path, history: list[dict[str, float]]) -> None:

@@ -20,7 +20,7 @@ def read_polygons(path: str | os.PathLike, crs: Any) -> Any:
     import geopandas as gpd
 
     try:
-        gdf = gpd.read_file(path)
+        gdf = gpd.read_parquet(path) if str(path).lower().endswith(".parquet") else gpd.read_file(path)
     except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
         raise InputError(f"cannot read polygons: {' '.join(str(exc).split())[:200]}", path) from exc
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]

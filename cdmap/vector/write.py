@@ -1,7 +1,9 @@
 """Writing change polygons: the vector formats, the writer and the checks on the target path.
 
-GeoPackage, FlatGeobuf and Shapefile keep the raster CRS; GeoJSON follows RFC 7946 (WGS84 lon/lat,
-7 decimals). Output is written under a temporary name in the target directory and renamed on success.
+GeoPackage, FlatGeobuf, Shapefile and GeoParquet keep the raster CRS; GeoJSON follows RFC 7946 (WGS84 lon/lat,
+7 decimals). GeoPackages are written as version 1.3 (:data:`GPKG_OPTIONS`), which GDAL 3.6 readers (QGIS LTR on
+Debian/Ubuntu) open without a version warning. GeoParquet needs the ``pyarrow`` package (``cdmap[parquet]``).
+Output is written under a temporary name in the target directory and renamed on success.
 GeoPackage and Shapefile layers are appended in batches, so the output is not held in memory; FlatGeobuf (its
 spatial index needs every feature, and reorders them on disk) and GeoJSON are written in one go at the end.
 """
@@ -27,7 +29,10 @@ FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "geojson": ("GeoJSON", (".geojson", ".json")),
     "fgb": ("FlatGeobuf", (".fgb",)),
     "shp": ("ESRI Shapefile", (".shp",)),
+    "parquet": ("GeoParquet", (".parquet",)),
 }
+#: GeoPackage creation options: 1.3, not GDAL >= 3.7's default 1.4, which GDAL 3.6 reads with a warning
+GPKG_OPTIONS = {"VERSION": "1.3"}
 
 # Shapefile (DBF) field names are limited to 10 characters.
 _SHP_RENAME = {"perimeter_m": "perim_m"}
@@ -56,7 +61,7 @@ def format_from_path(output: str | Path, vector_format: str | None = None) -> st
         if suffix in suffixes:
             return name
     raise UsageError(
-        f"cannot tell the vector format from the suffix {suffix or '(none)'!r}; use .gpkg, .geojson, .fgb or "
+        f"cannot tell the vector format from the suffix {suffix or '(none)'!r}; use .gpkg, .geojson, .fgb, .parquet or "
         "a .shp name, or give --vector-format",
         path=output,
     )
@@ -92,6 +97,8 @@ class Writer:
         self.overwrite = overwrite
         self.crs = _pyproj_crs(crs)
         self.streaming = fmt in ("gpkg", "shp")
+        if fmt == "parquet":
+            _need_pyarrow()
         self.kwargs: dict[str, Any] = {"driver": FORMATS[fmt][0], "geometry_type": "Polygon"}
         if fmt != "shp":
             self.kwargs["layer"] = layer
@@ -120,7 +127,11 @@ class Writer:
         try:
             if self.fmt == "shp" and not self.created:
                 self.tmp.mkdir()
-            _write_dataframe(gdf, self.target, {**self.kwargs, "append": self.created})
+            if self.fmt == "parquet":
+                gdf.to_parquet(self.target, index=False)
+            else:
+                options = {"dataset_options": GPKG_OPTIONS} if self.fmt == "gpkg" and not self.created else {}
+                _write_dataframe(gdf, self.target, {**self.kwargs, **options, "append": self.created})
         except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
             raise OutputError(f"cannot write ({_short_error(exc)})", path=self.output) from None
         self.created = True
@@ -172,6 +183,14 @@ class Writer:
             shutil.rmtree(self.tmp, ignore_errors=True)
         elif self.tmp.exists():
             self.tmp.unlink()
+
+
+def _need_pyarrow() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise UsageError("--vector-format parquet needs the pyarrow package: pip install pyarrow "
+                         "(or cdmap[parquet])") from None
 
 
 def _empty_records() -> dict[str, np.ndarray]:
