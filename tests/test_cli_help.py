@@ -54,7 +54,8 @@ def test_flags_are_flags_and_choices_are_listed(helps):
     for choices in ("auto|fp32|bf16|fp16", "uint8|float32", "auto|strict", "gpkg|geojson|fgb|shp|parquet",
                     "auto|cpu|cuda[:N]", "nearest|bilinear|cubic"):
         assert choices in predict, choices
-    assert "INTEGER" in predict and "NUMBER" in predict and "Usage: cdmap predict [OPTIONS] [BEFORE] [AFTER]" in predict  # optional: --pairs
+    assert "INTEGER" in predict and "NUMBER" in predict
+    assert "Usage: cdmap predict [OPTIONS] [BEFORE] [AFTER]" in predict  # optional: --pairs replaces them
     assert "BEFORE AFTER LABELS" in helps["evaluate"] and "tif|png" in helps["tiles"]
     assert "resnet18, resnet34" in helps["train"] and "[DATA]..." in helps["train"]
     assert "--install-completion" in helps["-"]
