@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cdmap.inference",),
     ("cdmap.data", "cdmap.vector"),
     ("cdmap.predict",),
-    ("cdmap.train", "cdmap.evaluate"),
+    ("cdmap.train", "cdmap.pretrain", "cdmap.evaluate"),
     ("cdmap.demo",),
     ("cdmap.cli",),
     ("cdmap", "cdmap.__main__"),

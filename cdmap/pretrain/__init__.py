@@ -27,7 +27,7 @@ _EXPORTS = {
     "pretrain": "cdmap.pretrain.loop",
     "resume": "cdmap.pretrain.loop",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["PretrainConfig", "PretrainResult", "PretrainRuntime", "load_pretrained", "pretrain", "resume"]
 
 
 def __getattr__(name: str) -> Any:

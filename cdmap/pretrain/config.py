@@ -67,7 +67,7 @@ class PretrainConfig:
     std: list[float] | None = _opt(None, "Per-band standard deviations (default: measured).")
     stats_windows: int = _opt(256, "Windows sampled to measure the normalisation and find valid windows.")
     export_teacher: bool = _opt(False, "Also write teacher_backbone.pt (the EMA teacher's backbone).")
-    legacy_location: bool = _opt(False, "Match cells as the original code did (crop offsets ignored); comparisons only.")
+    legacy_location: bool = _opt(False, "Match cells as the original code did (offsets ignored); comparisons only.")
 
     def __post_init__(self) -> None:
         self.crop_scale = tuple(float(v) for v in self.crop_scale)  # type: ignore[assignment]

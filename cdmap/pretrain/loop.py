@@ -167,7 +167,7 @@ def _build(data: list[str], run_dir: Path, cfg: PretrainConfig, rt: PretrainRunt
     teacher.to(device)
     teacher.train()
     decay, no_decay = [], []
-    for name, p in student.named_parameters():
+    for p in student.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)  # biases and norm weights; the 4-D mask token is decayed
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
@@ -290,8 +290,8 @@ def step_losses(s: Session, batch: dict[str, torch.Tensor], teacher_temp: float)
 
 
 def _epoch(s: Session, epoch: int) -> None:
-    from cdmap.progress import Progress
     from cdmap.pretrain.schedule import ema_momentum, learning_rate, teacher_temperature, warmup_epochs
+    from cdmap.progress import Progress
 
     cfg = s.cfg
     t0 = time.perf_counter()

@@ -80,8 +80,8 @@ def block_mask(gen: np.random.Generator, grid: int, n_masked: int) -> np.ndarray
 
 
 def _crop_resize(x: torch.Tensor, box: tuple[int, int, int, int], size: int, mode: str) -> torch.Tensor:
-    t, l, h, w = box
-    part = x[None, :, t : t + h, l : l + w]
+    top, left, h, w = box
+    part = x[None, :, top : top + h, left : left + w]
     kw: dict[str, Any] = {"align_corners": False} if mode == "bilinear" else {}
     out = F.interpolate(part, size=(size, size), mode=mode, **kw)[0]
     return out
@@ -163,15 +163,15 @@ class CMIDViews(Dataset):
             x, v = x[:, :side, :side], v[:, :side, :side]
         out: dict[str, torch.Tensor] = {}
         for name in ("a", "b"):
-            t, l, bh, bw = random_resized_box(gen, x.shape[-1], cfg.crop_scale)
+            top, left, bh, bw = random_resized_box(gen, x.shape[-1], cfg.crop_scale)
             flip = bool(gen.random() < 0.5)
-            view = _crop_resize(x, (t, l, bh, bw), size, "bilinear")
-            ok = _crop_resize(v, (t, l, bh, bw), size, "nearest")[0] > 0.5
+            view = _crop_resize(x, (top, left, bh, bw), size, "bilinear")
+            ok = _crop_resize(v, (top, left, bh, bw), size, "nearest")[0] > 0.5
             if flip:
                 view, ok = view.flip(-1), ok.flip(-1)
             if name == "b":
                 view = strong_augment(view, gen, self.offset)
-            box = CropBox(t, l, bh, bw, flip)
+            box = CropBox(top, left, bh, bw, flip)
             out[name] = view.contiguous()
             out[f"valid_{name}"] = ok.contiguous()
             out[f"loc_{name}"] = torch.from_numpy(cell_centres(box, grid, origin, cfg.legacy_location, cfg.window))
