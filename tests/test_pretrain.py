@@ -202,6 +202,18 @@ def test_focal_l1_and_frequency_loss_closed_forms():
     assert float(L.focal_frequency(pred, target, mask)) > 0
 
 
+def test_losses_are_float32_under_bf16_autocast():
+    pred = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16, requires_grad=True)
+    target, mask = torch.randn(2, 3, 32, 32), torch.ones(2, 1, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = [L.focal_l1(pred, target, mask), L.focal_frequency(pred, target, mask),
+                  L.info_nce(torch.randn(2, 4).bfloat16(), torch.randn(2, 4), torch.randn(4, 8)),
+                  L.dino(torch.randn(2, 5, 3).bfloat16(), torch.randn(2, 5, 3), torch.zeros(1, 5, 1), 0.1, 0.04)]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in values)
+    values[0].backward()
+    assert pred.grad is not None and pred.grad.dtype == torch.bfloat16
+
+
 # ----- 6. teacher gets no gradient; EMA moves it towards the student ----------------------------------------------
 def test_no_teacher_gradient_and_ema_moves_towards_student():
     cfg = PretrainConfig(**TINY)

@@ -154,7 +154,9 @@ def _build(data: list[str], run_dir: Path, cfg: PretrainConfig, rt: PretrainRunt
     torch.manual_seed(cfg.seed)
     backbone = build_full_backbone(cfg.backbone, bands)
     if cfg.init and state is None:
-        log.info("%s", init_weights(backbone, cfg.backbone, cfg.init))
+        report = init_weights(backbone, cfg.backbone, cfg.init)
+        if dist.main:
+            log.info("%s", report)
     student = Student(backbone, cfg, bands)
     teacher = Teacher(student, cfg, torch.Generator().manual_seed(cfg.seed + 1))
     if state is not None:
@@ -182,13 +184,10 @@ def _build(data: list[str], run_dir: Path, cfg: PretrainConfig, rt: PretrainRunt
     window_sampler = WindowSampler(sources, cfg.window, cfg.min_valid, cfg.window_tries)
     length = max(cfg.samples_per_epoch or window_sampler.natural_length, cfg.batch_size * dist.world)
     dataset = CMIDViews(window_sampler, Normalisation.of(mean, std), cfg, length)
-    sampler = EpochSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed,
-                           drop_last=True)
-    kw: dict[str, Any] = {"num_workers": rt.workers, "pin_memory": device.type == "cuda",
-                          "worker_init_fn": seed_worker}
-    if rt.workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=4)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **kw)
+    sampler = EpochSampler(dataset, dist.world, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    parallel: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 4} if rt.workers else {}
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=rt.workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=seed_worker, **parallel)
     steps = len(sampler) // cfg.batch_size
     from cdmap.pretrain.schedule import lr_warmup_steps
 
@@ -196,15 +195,22 @@ def _build(data: list[str], run_dir: Path, cfg: PretrainConfig, rt: PretrainRunt
                 sampler, loader, steps, steps * cfg.epochs, lr_warmup_steps(cfg.lr_warmup, steps * cfg.epochs, steps))
     if state is not None:
         s.start_epoch, s.history = int(state["epoch"]), [dict(r) for r in state["history"]]
-        if int(state.get("world_size", 1)) != dist.world:
+        if int(state.get("world_size", 1)) != dist.world and dist.main:
             log.warning("resumed with %d process(es) but the run used %s; the data order changes from here on",
                         dist.world, state.get("world_size", 1))
-        log.info("resuming %s after epoch %d/%d", run_dir, s.start_epoch, cfg.epochs)
+        if dist.main:
+            log.info("resuming %s after epoch %d/%d", run_dir, s.start_epoch, cfg.epochs)
+    if dist.main:
+        _log_setup(s)
+    return s
+
+
+def _log_setup(s: Session) -> None:
+    cfg, device, dtype, dist, steps = s.cfg, s.device, s.dtype, s.dist, s.steps_per_epoch
     log.info("CMID %s on %s%s, %s, batch %d x %d process(es), crop %d (grid %d, %d masked blocks, %d matches), "
              "%d steps/epoch x %d epochs", cfg.backbone, device, f" x{dist.world}" if dist.world > 1 else "",
              str(dtype).replace("torch.", "") if dtype else "fp32", cfg.batch_size, dist.world, cfg.crop_size,
              cfg.grid, cfg.masked_blocks, cfg.matches, steps, cfg.epochs)
-    return s
 
 
 def _run(data: list[str], run_dir: Path, cfg: PretrainConfig, rt: PretrainRuntime, state: dict | None):
@@ -221,7 +227,7 @@ def _run(data: list[str], run_dir: Path, cfg: PretrainConfig, rt: PretrainRuntim
         for epoch in range(s.start_epoch, stop):
             _epoch(s, epoch)
         done = max(s.start_epoch, stop)
-        if done < cfg.epochs:
+        if done < cfg.epochs and dist.main:
             log.info("stopped after epoch %d/%d; continue with: cdmap pretrain --resume %s", done, cfg.epochs,
                      run_dir)
         return PretrainResult(run_dir, run_dir / "backbone.pt", run_dir / "last.pt", done, done >= cfg.epochs,

@@ -203,9 +203,9 @@ class WindowSampler:
     def sample(self, index: int, gen: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """``(data, valid, (top, left))`` of a valid window of image ``image_of(index)``."""
         i = self.image_of(index)
-        source, src = self.sources[i], self._dataset(i)
         best: tuple[float, np.ndarray, np.ndarray, tuple[int, int]] | None = None
         with no_georef_warning():
+            source, src = self.sources[i], self._dataset(i)
             for _ in range(self.tries):
                 origin = random_origin(gen, source, self.window)
                 data, valid = read_window(src, *origin, self.window)
