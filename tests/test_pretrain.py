@@ -254,6 +254,11 @@ def test_pretrain_exports_a_backbone_that_fsgnet_loads(tmp_path):
     report = load_backbone_weights(FSGNet(ModelConfig()), result.backbone_path)
     assert report.ok and not report.unexpected and not report.shape_mismatched
     assert report.skipped and all(k.startswith("layer4.") for k in report.skipped)
+    from cdmap.pretrain.export import init_weights  # --init RUN continues from the run's backbone
+
+    again = build_full_backbone("resnet18", 3)
+    assert "0 unused" in init_weights(again, "resnet18", str(tmp_path / "run"))
+    assert all(torch.equal(v, payload["state_dict"][k]) for k, v in again.state_dict().items())
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

@@ -85,7 +85,8 @@ def load_pretrained(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def init_weights(backbone: nn.Module, name: str, init: str) -> str:
-    """Load starting weights into the full backbone: ``imagenet`` (packaged) or a file; returns the report text.
+    """Load starting weights into the full backbone: ``imagenet`` (packaged), a weights file or a pretraining run
+    folder (its ``backbone.pt``); returns the report text.
 
     A file of another architecture (a ``backbone.pt`` naming another backbone, tensors of other shapes, or
     fewer than half of the backbone's tensors) is refused with a :class:`CheckpointError`.
@@ -101,6 +102,8 @@ def init_weights(backbone: nn.Module, name: str, init: str) -> str:
                              "use --init FILE")
         return str(report)
     path = Path(init)
+    if path.is_dir():  # a pretraining run folder: continue from its backbone
+        path = path / "backbone.pt"
     try:
         meta = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
     except Exception:  # noqa: BLE001 - load_backbone_weights reports unreadable files with their reason
