@@ -125,8 +125,25 @@ def build_sets(root: Path, work: Path, seed: int = 0) -> tuple[list[Path], dict[
     return unlabelled, counts
 
 
+def _summary(history: list[dict], backbone_pt: Path, wall: float) -> dict:
+    first, last = history[0], history[-1]
+    return {"backbone_pt": str(backbone_pt), "wall_s": wall, "epochs": len(history),
+            "images_seen": int(sum(r["images_per_s"] * r["seconds"] for r in history)),
+            "loss_first": first["loss"], "loss_last": last["loss"], "mim_first": first["mim_spatial"],
+            "mim_last": last["mim_spatial"], "feature_std_last": last["feature_std"],
+            "images_per_s": sum(r["images_per_s"] for r in history) / len(history)}
+
+
 def run_pretraining(images: list[Path], out: Path, backbone: str, init: str | None, args) -> dict:
     from cdmap.pretrain import PretrainConfig, PretrainRuntime, pretrain
+
+    if args.reuse and (out / "last.pt").exists():  # a finished earlier run: its history and wall time
+        import torch
+
+        state = torch.load(out / "last.pt", weights_only=True)
+        if state["epoch"] == state["config"]["epochs"]:
+            history = state["history"]
+            return _summary(history, out / "backbone.pt", sum(r["seconds"] for r in history))
 
     overrides = {"backbone": backbone, "init": init, "epochs": args.pretrain_epochs, "seed": args.seed}
     if args.samples_per_epoch:
@@ -137,13 +154,7 @@ def run_pretraining(images: list[Path], out: Path, backbone: str, init: str | No
     t0 = time.perf_counter()
     result = pretrain(images, out, cfg, PretrainRuntime(workers=args.workers, device=args.device, quiet=True,
                                                         overwrite=True))
-    wall = time.perf_counter() - t0
-    first, last = result.history[0], result.history[-1]
-    return {"backbone_pt": str(result.backbone_path), "wall_s": wall, "epochs": cfg.epochs,
-            "images_seen": int(sum(r["images_per_s"] * r["seconds"] for r in result.history)),
-            "loss_first": first["loss"], "loss_last": last["loss"], "mim_first": first["mim_spatial"],
-            "mim_last": last["mim_spatial"], "feature_std_last": last["feature_std"],
-            "images_per_s": sum(r["images_per_s"] for r in result.history) / len(result.history)}
+    return _summary(result.history, result.backbone_path, time.perf_counter() - t0)
 
 
 def finetune_and_score(work: Path, name: str, backbone: str, weights: str | None, mean, std, args) -> dict:
@@ -193,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=2025)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--reuse", action="store_true", help="Reuse finished CMID runs in WORK/cmid (their wall time).")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     variants = [v for v in args.variants.split(",") if v]
@@ -211,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         images, counts = build_sets(args.data_root, work, args.seed)
         _subsets(work)
         pre: dict[str, dict] = {}
-        for backbone, init in {(b, "imagenet" if b == "efficientnet_lite0" else None)
-                               for v, (b, how) in VARIANTS.items() if v in variants and how == "cmid"}:
+        for backbone in dict.fromkeys(b for v, (b, how) in VARIANTS.items() if v in variants and how == "cmid"):
+            init = "imagenet" if backbone == "efficientnet_lite0" else None
             pre[backbone] = run_pretraining(images, work / "cmid" / backbone, backbone, init, args)
             logging.info("CMID %s: %s", backbone, json.dumps(pre[backbone]))
         from cdmap.pretrain import PretrainConfig, load_pretrained
