@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cdmap.inference",),
     ("cdmap.data", "cdmap.vector", "cdmap.report"),
     ("cdmap.predict",),
-    ("cdmap.train", "cdmap.evaluate"),
+    ("cdmap.train", "cdmap.pretrain", "cdmap.evaluate"),
     ("cdmap.demo",),
     ("cdmap.cli",),
     ("cdmap", "cdmap.__main__"),

