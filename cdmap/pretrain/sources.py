@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from cdmap.data import IMAGE_SUFFIXES, SUBDIRS, image_bands, no_georef_warning, read_dataset
+from cdmap.data import IMAGE_SUFFIXES, SUBDIRS, no_georef_warning, read_dataset
 from cdmap.errors import IncompatibleInputsError, InputError
+from cdmap.raster.valid import data_bands
 
 log = logging.getLogger("cdmap")
 
@@ -99,7 +100,7 @@ def open_sources(paths: Sequence[Path], crop: int) -> list[ImageSource]:
         for path in paths:
             try:
                 with rasterio.open(path) as src:
-                    bands = len(image_bands(src)[0])
+                    bands = len(data_bands(src)[0])
                     sources.append(ImageSource(str(path), src.height, src.width, bands))
             except rasterio.errors.RasterioError as exc:
                 bad.append(f"{path}: unreadable ({' '.join(str(exc).split())[:100]})")
