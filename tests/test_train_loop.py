@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -241,3 +242,21 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     assert len(ckpt.training_state["rng_per_rank"]) == 2
     plot = ["training.png"] if importlib.util.find_spec("matplotlib") else []
     assert sorted(p.name for p in run.iterdir()) == sorted(["best.pt", "config.json", "last.pt", "metrics.csv", *plot])
+
+
+def test_pretrained_backbone_normalisation_is_carried_over(tmp_path):
+    """A `cdmap pretrain` backbone.pt brings the statistics it was pretrained with; --mean/--std still win."""
+    from cdmap.models.backbones import build_backbone
+
+    data = make_change_set(tmp_path / "d", n=2, size=32)
+    weights = tmp_path / "backbone.pt"
+    torch.save({"format": "cdmap-backbone", "format_version": 1, "backbone": "resnet18", "in_channels": 3,
+                "state_dict": build_backbone("resnet18", 3).state_dict(),
+                "normalization": {"mean": [11.0, 22.0, 33.0], "std": [4.0, 5.0, 6.0]}}, weights)
+    cfg = TrainConfig(epochs=1, batch_size=2, effective_batch=2, crop_size=32, backbone_weights=str(weights))
+    result = train(data, tmp_path / "run", cfg, workers=0, quiet=True)
+    ckpt = load_checkpoint(result.last_path)
+    assert ckpt.mean == [11.0, 22.0, 33.0] and ckpt.std == [4.0, 5.0, 6.0]
+    cfg = dataclasses.replace(cfg, mean=[1.0, 2.0, 3.0], std=[7.0, 8.0, 9.0])
+    ckpt = load_checkpoint(train(data, tmp_path / "run2", cfg, workers=0, quiet=True).last_path)
+    assert ckpt.mean == [1.0, 2.0, 3.0]

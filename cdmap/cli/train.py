@@ -51,7 +51,11 @@ def train_cmd(
         None, "--backbone", metavar="NAME",
         help=f"One of {backbone_names()} (default: {DEFAULT_BACKBONE})."),
     backbone_weights: Path | None = typer.Option(
-        None, "--backbone-weights", help="ImageNet weights for the backbone (torchvision-style state dict)."),
+        None, "--backbone-weights", help="Backbone weights: a torchvision-style state dict (ImageNet) or a "
+        "`cdmap pretrain` backbone.pt, whose normalisation is used unless --mean/--std are given."),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", metavar="PRETRAIN_RUN", help="Start from a `cdmap pretrain` run's backbone.pt (the "
+        "same as --backbone-weights PRETRAIN_RUN/backbone.pt)."),
     no_imagenet: bool = typer.Option(
         False, "--no-imagenet", help="Do not load packaged ImageNet weights ("
         f"{', '.join(n for n, b in BACKBONES.items() if b.imagenet_loader) or 'none'})."),
@@ -86,6 +90,10 @@ def train_cmd(
     from cdmap.train import TrainConfig, TrainRuntime, train
     from cdmap.train import resume as resume_run
 
+    if init_from is not None:
+        if backbone_weights is not None:
+            raise UsageError("give --init-from or --backbone-weights, not both")
+        backbone_weights = init_from / "backbone.pt" if init_from.is_dir() else init_from
     values = {
         "epochs": epochs, "lr": lr, "backbone_lr": backbone_lr, "min_lr": min_lr, "weight_decay": weight_decay,
         "batch_size": batch_size, "effective_batch": effective_batch, "crop_size": crop_size, "seed": seed,

@@ -161,6 +161,23 @@ def _device(cfg: TrainConfig, rt: TrainRuntime, dist: Dist) -> tuple[torch.devic
     return device, autocast_dtype(resolve_precision(cfg.precision, device)), channels_last
 
 
+def _pretrained_normalisation(path: str | None, bands: int) -> tuple[list[float], list[float]] | None:
+    """The per-band mean/std stored in a pretrained backbone file (``cdmap pretrain``'s ``backbone.pt``), if any
+    and if it has ``bands`` values; plain ImageNet state dicts carry none."""
+    if not path:
+        return None
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the weight loader itself
+        return None
+    norm = payload.get("normalization") if isinstance(payload, dict) else None
+    if not isinstance(norm, dict) or len(norm.get("mean", ())) != bands or len(norm.get("std", ())) != bands:
+        return None
+    return [float(m) for m in norm["mean"]], [float(s) for s in norm["std"]]
+
+
 def _data(data_dir: Path | list[Path], cfg: TrainConfig, rt: TrainRuntime, ckpt: Any,
           log: Log) -> tuple[Any, TrainConfig, list[float], list[float]]:
     """Discover the splits; normalisation from the checkpoint, the recipe or measured on train."""
@@ -176,8 +193,13 @@ def _data(data_dir: Path | list[Path], cfg: TrainConfig, rt: TrainRuntime, ckpt:
     bands = splits.bands
     if cfg.in_channels is not None and cfg.in_channels != bands:
         raise InputError(f"--in-channels {cfg.in_channels} given but the images have {bands} bands", data_dir)
+    pretrained = _pretrained_normalisation(cfg.backbone_weights, bands) if ckpt is None and cfg.mean is None else None
     if ckpt is not None:
         mean, std = list(ckpt.mean), list(ckpt.std)
+    elif pretrained is not None:  # a pretrained backbone expects the statistics it was pretrained with
+        mean, std = pretrained
+        log(f"normalisation from the pretrained backbone {cfg.backbone_weights}: mean {[round(m, 3) for m in mean]}, "
+            f"std {[round(s, 3) for s in std]} (give --mean/--std to override)")
     elif cfg.mean is not None:
         if len(cfg.mean) != bands:
             raise UsageError(f"--mean/--std have {len(cfg.mean)} values but the images have {bands} bands")
