@@ -62,8 +62,9 @@ def test_two_ranks_give_the_single_process_outputs(tmp_path, scene):
     ref = scene[3]
     assert_same_outputs(out, ref.outdir)
     summary = json.loads((out / "run.json").read_text())
-    assert summary["seam_ratio"] == ref.summary["seam_ratio"]  # per-strip statistics too, not only pixels
-    assert summary["overlap_disagreement"] == ref.summary["overlap_disagreement"]
+    # per-strip statistics too, not only pixels (their float sums may differ in the last bits with the order)
+    assert summary["seam_ratio"] == pytest.approx(ref.summary["seam_ratio"], rel=1e-5)
+    assert summary["overlap_disagreement"] == pytest.approx(ref.summary["overlap_disagreement"], rel=1e-5)
     ranks = summary["ranks"]
     assert ranks["world_size"] == 2 and [r["rank"] for r in ranks["per_rank"]] == [0, 1]
     assert all(r["strips"] > 0 and r["compute_s"] > 0 for r in ranks["per_rank"])
@@ -119,5 +120,5 @@ def test_lost_rank_fails_clearly_and_resume_computes_only_missing_strips(tmp_pat
     summary = json.loads((out / "run.json").read_text())
     assert summary["ranks"]["world_size"] == resume_world
     assert sum(r["strips"] for r in summary["ranks"]["per_rank"]) == missing
-    assert summary["seam_ratio"] == scene[3].summary["seam_ratio"]
+    assert summary["seam_ratio"] == pytest.approx(scene[3].summary["seam_ratio"], rel=1e-5)
     assert not (out / ".cdmap-partial").exists()
