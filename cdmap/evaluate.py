@@ -285,8 +285,10 @@ def evaluate_scene(
     opts.update(predict_options)
     opts["threshold"] = thr
     hide = _HideText(tmp) if tmp is not None else None  # predict's summary names a folder removed below
+    # a logger's filters see only the records logged on it, not its children's: filter where predict logs
+    predict_log = logging.getLogger("cdmap.predict")
     if hide is not None:
-        logging.getLogger("cdmap").addFilter(hide)
+        predict_log.addFilter(hide)
     try:
         result = predict_scene(before, after, outdir, ckpt, **opts)
         counts = score_mask(result.mask, labels, error_map=error_map, **label_opts)
@@ -295,7 +297,7 @@ def evaluate_scene(
         _report_evaluation(result.outdir, counts, labels, error_map, report_dir)
     finally:
         if hide is not None:
-            logging.getLogger("cdmap").removeFilter(hide)
+            predict_log.removeFilter(hide)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     if tmp is None:

@@ -215,3 +215,20 @@ def test_evaluate_scene_raster_and_polygon_labels(tmp_path, make_pair, make_geot
     assert _read(tmp_path / "scene.tif").shape == (1, 96, 128)
     with rasterio.open(tmp_path / "scene.tif") as src:
         assert src.crs == crs and src.transform == transform
+
+
+def test_scene_cli_never_names_the_temporary_prediction_folder(capfd, tmp_path):
+    from cdmap.cli import main
+    from tests.conftest import synthetic_pair, write_geotiff
+    from tests.helpers import tiny_checkpoint
+
+    before, after, truth = synthetic_pair(tmp_path, height=32, width=32)
+    labels = write_geotiff(tmp_path / "labels.tif", truth)
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    capfd.readouterr()
+    try:
+        main(["evaluate", "--scene", str(before), str(after), str(labels), "-m", str(ckpt)])
+    except SystemExit as exc:
+        assert not exc.code
+    captured = capfd.readouterr()
+    assert "F1" in captured.out and "cdmap-eval-" not in captured.err + captured.out
