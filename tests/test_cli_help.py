@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("predict", "vectorize", "train", "evaluate", "tiles", "info", "demo", "doctor")
+COMMANDS = ("predict", "vectorize", "train", "evaluate", "tiles", "info", "models", "demo", "doctor")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

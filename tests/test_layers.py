@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cdmap.process", "cdmap.files", "cdmap.progress", "cdmap.device", "cdmap.distributed", "cdmap.metrics",
      "cdmap.synthetic", "cdmap.doctor"),
     ("cdmap.raster", "cdmap.tiling", "cdmap.models", "cdmap.labels"),
-    ("cdmap.checkpoint",),
+    ("cdmap.checkpoint", "cdmap.weights"),
     ("cdmap.backends",),
     ("cdmap.inference",),
     ("cdmap.data", "cdmap.vector", "cdmap.report"),

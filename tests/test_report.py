@@ -189,3 +189,19 @@ def test_preview_reads_a_scene_in_another_crs(tmp_path):
     inner = arr[0, 2:-2, 2:-2]
     cols = np.ma.mean(inner, axis=0)
     assert np.all(np.diff(cols) > 0)  # the west-east gradient survives the warp onto BEFORE's grid
+
+
+def test_preview_of_a_pair_without_crs(tmp_path, ckpt, caplog):
+    """Pixel-grid rasters (no CRS, y axis down) get a preview too (it once failed: bounds and transform
+    inconsistent)."""
+    pytest.importorskip("matplotlib")
+    from cdmap.predict import predict_scene
+    from tests.conftest import synthetic_pair
+
+    before, after, _ = synthetic_pair(tmp_path, height=80, width=112, crs=None,
+                                      transform=__import__("rasterio").Affine.identity())
+    with caplog.at_level("INFO", logger="cdmap"):
+        r = predict_scene(before, after, tmp_path / "out", ckpt, device="cpu", vector_format="none",
+                          allow_no_crs=True, quiet=True)
+    assert not [m for m in caplog.messages if "no preview" in m]
+    assert _png_size(tmp_path / "out" / "preview.png")[0] > 112 and "report" in r.summary["outputs"]

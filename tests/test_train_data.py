@@ -671,3 +671,24 @@ def test_real_levir_samples_discover_and_oscd_label_trap(shared_data, tmp_path):
     why = label_problem(distinct_values(raw))  # OSCD: 1 = no change, 2 = change
     assert "values {1, 2}" in why and "--label-values 1,2" in why
     assert label_problem(distinct_values(raw), (1, 2)) is None
+
+
+def test_photometric_jitter_is_per_date_and_off_by_default():
+    a, b, lab = _coded()
+    cfg = aug.AugmentConfig(hflip=0, vflip=0, rot90=0, rotate=0, scale=0, swap=0, photometric=1.0)
+    gen = torch.Generator().manual_seed(3)
+    ja, jb, jl = aug.augment(a, b, lab, gen, cfg)
+    assert torch.equal(jl, lab)  # the ground did not change
+    # each date: x * gain + offset (+ per-band offset) with its own draw, within the configured ranges
+    gains = []
+    for x, y in ((a, ja), (b, jb)):
+        g = (y[0, 1:, 0] - y[0, :-1, 0]) / (x[0, 1:, 0] - x[0, :-1, 0])  # d(out)/d(in) along rows
+        assert torch.allclose(g, g[0].expand_as(g), atol=1e-4)
+        gains.append(float(g[0]))
+        assert 0.8 <= gains[-1] <= 1.2 and not torch.equal(x, y)
+    assert gains[0] != pytest.approx(gains[1])
+    # off (the default, the reference recipe): nothing changes and no random numbers are drawn
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    off = aug.augment(a, b, lab, g1, aug.AugmentConfig())
+    assert torch.equal(off[0], aug.augment(a, b, lab, g2, aug.AugmentConfig(photometric=0.0))[0])
+    assert torch.rand((), generator=g1) == torch.rand((), generator=g2)

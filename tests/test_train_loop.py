@@ -122,11 +122,12 @@ def test_recipe_apart_from_runtime():
 def test_backbone_registry_is_the_one_list():
     from cdmap.models import BACKBONES, ModelConfig, build_backbone
 
-    assert list(BACKBONES) == ["resnet18", "resnet34", "resnet50", "efficientnet_lite0"]
+    assert list(BACKBONES) == ["resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_lite1",
+                              "efficientnet_lite2"]
     for name in BACKBONES:
         assert name in TrainConfig(backbone=name).backbone
     assert build_backbone("resnet18", 4).conv1.in_channels == 4
-    with pytest.raises(ValueError, match="choose one of resnet18, resnet34, resnet50, efficientnet_lite0"):
+    with pytest.raises(ValueError, match="choose one of resnet18, resnet34, resnet50, efficientnet_lite0, "):
         ModelConfig(backbone="vgg")
     with pytest.raises(UsageError, match="--backbone must be one of resnet18, "):
         TrainConfig(backbone="vgg")

@@ -6,7 +6,6 @@ library takes, so every command accepts and refuses the same spellings.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -86,9 +85,12 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing o
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Windows or tiles per model call.")]
 TileSize = Annotated[int | None, typer.Option(
     "--tile-size", help="Window size in pixels (default: the checkpoint's training tile size).")]
-Model = Annotated[Path, typer.Option("--model", "-m", help="cdmap checkpoint (.pt).")]
-OptionalModel = Annotated[Path | None, typer.Option(
-    "--model", "-m", help="cdmap checkpoint (.pt); not needed with --mask.")]
+Model = Annotated[str | None, typer.Option(
+    "--model", "-m", metavar="NAME|PATH",
+    help="A packaged model (see `cdmap models`) or a checkpoint file (default: the packaged default model).")]
+OptionalModel = Annotated[str | None, typer.Option(
+    "--model", "-m", metavar="NAME|PATH", help="A packaged model (see `cdmap models`) or a checkpoint file "
+    "(default: the packaged default model; not used with --mask).")]
 LabelValues = Annotated[str | None, typer.Option(
     "--label-values", help="Label coding NO_CHANGE,CHANGE, e.g. 1,2 for OSCD (default: 0/1 or 0/255).")]
 LabelsPixelGrid = Annotated[bool, typer.Option(

@@ -38,7 +38,7 @@ def predict(
     pairs: Path | None = typer.Option(
         None, "--pairs", help="CSV of scene pairs (columns before, after, optional name; paths relative to the "
         "CSV): one folder per pair in OUTPUT plus OUTPUT/index.gpkg. Replaces BEFORE and AFTER."),
-    model: Model = ...,
+    model: Model = None,
     tile_size: TileSize = None,
     overlap: int | None = typer.Option(None, "--overlap", help="Window overlap in pixels (default: tile/8)."),
     batch_size: BatchSize = 4,
@@ -74,7 +74,8 @@ def predict(
 
     Under torchrun the ranks share the scene's strips (or the --pairs); OUTPUT must be on a file system all see.
 
-    Example: cdmap predict before.tif after.tif -o out/ -m best.pt
+    Example: cdmap predict before.tif after.tif -o out/            (the packaged default model)
+             cdmap predict before.tif after.tif -o out/ -m runs/levir/best.pt
     """
     from cdmap.errors import UsageError
     from cdmap.predict import PredictOptions, RunOptions, predict_pairs, predict_scene

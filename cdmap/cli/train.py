@@ -63,6 +63,9 @@ def train_cmd(
     device: Device = None,
     precision: Precision = None,
     no_augment: bool = typer.Option(False, "--no-augment", help="Random crops only, no augmentation."),
+    photometric: float | None = typer.Option(
+        None, "--photometric", metavar="P", help="Jitter each date's light and colour on its own with "
+        "probability P (default: 0, as in the reference recipe)."),
     val_fraction: float | None = typer.Option(
         None, "--val-fraction", help="Hold out this fraction of the pairs for validation (flat layout: default 0.1)."),
     ignore_index: int | None = typer.Option(None, "--ignore-index", help="Label value meaning 'unlabelled'."),
@@ -101,7 +104,7 @@ def train_cmd(
         "in_channels": in_channels, "precision": precision, "val_fraction": val_fraction,
         "ignore_index": ignore_index, "label_values": parse_label_values(label_values),
         "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"),
-        "select_by": select_by,
+        "select_by": select_by, "photometric": photometric,
     }
     flags = {"augment": not no_augment, "imagenet": not no_imagenet}
     runtime = {"workers": workers, "device": device, "val_batch_size": val_batch_size,
@@ -163,6 +166,8 @@ def evaluate_cmd(
 ) -> None:
     """Precision, recall, F1, IoU (change class), OA and kappa of a checkpoint on labelled tiles or a scene.
 
+    Without --model the packaged default model is scored.
+
     Example: cdmap evaluate LEVIR-CD/ -m runs/levir/best.pt --split test
     """
     from cdmap.errors import UsageError
@@ -170,8 +175,6 @@ def evaluate_cmd(
     from cdmap.labels import parse_label_values
 
     coding = parse_label_values(label_values)
-    if model is None and mask is None:
-        raise UsageError("missing --model CKPT (or --scene ... --mask MASK to score an existing mask)")
     if mask is not None and scene is None:
         raise UsageError("--mask needs --scene BEFORE AFTER LABELS")
     if scene is not None and data is not None:

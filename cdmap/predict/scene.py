@@ -35,6 +35,7 @@ from cdmap.predict.outputs import (
 )
 from cdmap.predict.plan import PredictPlan, make_plan
 from cdmap.predict.ranks import RankReport, rank_share, strip_spans
+from cdmap.weights import model_path
 
 if TYPE_CHECKING:
     from cdmap.distributed import Dist
@@ -46,7 +47,7 @@ def predict_scene(
     before: str | os.PathLike,
     after: str | os.PathLike,
     outdir: str | os.PathLike,
-    model: str | os.PathLike | Checkpoint,
+    model: str | os.PathLike | Checkpoint | None = None,
     options: PredictOptions | None = None,
     run: RunOptions | None = None,
     **overrides: Any,
@@ -54,7 +55,8 @@ def predict_scene(
     """Map change between ``before`` and ``after`` into ``outdir``.
 
     Writes ``change_probability.tif``, ``change_mask.tif``, ``changes.<fmt>`` and ``run.json`` (see the
-    README). ``model`` is a checkpoint path or a loaded :class:`Checkpoint`. Keyword overrides are fields of
+    README). ``model`` is a packaged model name (:mod:`cdmap.weights`), a checkpoint path or a loaded
+    :class:`Checkpoint`; None: the packaged default model. Keyword overrides are fields of
     :class:`PredictOptions` or :class:`RunOptions`. Raises :class:`cdmap.errors.CdmapError` subclasses on bad
     input; nothing is ever left under a final output name unless the whole run succeeded.
 
@@ -66,6 +68,8 @@ def predict_scene(
     opts, run = split_overrides(options, run, overrides)
     opts.check()
     run.check()
+    if not isinstance(model, Checkpoint):
+        model = model_path(model)
     check_outputs_spare_inputs(
         [*with_sidecars(before), *with_sidecars(after), *([] if isinstance(model, Checkpoint) else [model])],
         output_paths(Path(outdir), opts.vector_format).values(), [Path(outdir) / WORKDIR_NAME])

@@ -31,7 +31,7 @@ class PretrainConfig:
     """The CMID recipe; defaults are the CPU-sized configuration. See ``docs``: spec ``cmid.md`` sections 3-7."""
 
     backbone: str = _opt("resnet18", f"Backbone: {backbone_names()}.")
-    init: str | None = _opt(None, "Start from 'imagenet' (packaged, EfficientNet-Lite0), a weights file or a run.")
+    init: str | None = _opt(None, "Start from 'imagenet' (packaged, EfficientNet-Lite0/1/2), a weights file or a run.")
     epochs: int = _opt(20, "Epochs (every schedule is a fraction of the run).")
     samples_per_epoch: int | None = _opt(None, "Windows per epoch (default: the inputs' area in windows, >= batch).")
     batch_size: int = _opt(16, "Images per step and process.")

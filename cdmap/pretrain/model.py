@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdmap.models.backbones import EfficientNetLite0Features, ResNetFeatures
+from cdmap.models.backbones import EfficientNetLiteFeatures, ResNetFeatures
 from cdmap.pretrain.config import MODEL_STRIDE, PretrainConfig
 
 
 def build_full_backbone(name: str, in_channels: int) -> nn.Module:
-    """The whole registered backbone (to stride 32): a ResNet with ``layer4``, EfficientNet-Lite0 blocks 0-15."""
+    """The whole registered backbone (to stride 32): a ResNet with ``layer4``, every EfficientNet-Lite block."""
     from importlib import import_module
 
     from cdmap.models.config import BACKBONES
@@ -30,7 +30,7 @@ def build_full_backbone(name: str, in_channels: int) -> nn.Module:
     builder = getattr(import_module(module), function)
     if name.startswith("resnet"):
         return builder(in_channels, layer4=True)
-    if name == "efficientnet_lite0":
+    if name.startswith("efficientnet_lite"):
         return builder(in_channels, full=True)
     raise TypeError(f"CMID pretraining has no recipe for backbone {name!r}")
 
@@ -47,7 +47,7 @@ def stem_and_body(backbone: nn.Module) -> tuple[Callable[[Tensor], Tensor], Call
             return b.layer4(b.layer3(b.layer2(b.layer1(x))))
 
         return stem, body, 4, b.conv1.out_channels
-    if not isinstance(backbone, EfficientNetLite0Features):
+    if not isinstance(backbone, EfficientNetLiteFeatures):
         raise TypeError(f"no CMID encoder for {type(backbone).__name__}")
     e = backbone
 

@@ -716,7 +716,25 @@ def _check_band_counts(side_b: _Side, side_a: _Side, bands: list[int] | None, ex
     if expected_bands is not None and len(side_b.bands) != expected_bands:
         raise IncompatibleInputsError(
             f"has {len(side_b.bands)} bands{with_bands}, the model expects {expected_bands}; "
-            f"choose bands with --bands", side_b.path)
+            f"choose bands with --bands{bands_hint(len(side_b.bands), expected_bands)}", side_b.path)
+
+
+# band count -> (red,green,blue band numbers, what such a stack usually is), for the --bands hint
+_RGB_OF_STACK = {
+    13: ("4,3,2", "a 13-band Sentinel-2 L1C stack (B1..B12, B8A)"),
+    12: ("4,3,2", "a 12-band Sentinel-2 L2A stack (B1..B12 without B10, B8A)"),
+    6: ("3,2,1", "a 6-band Landsat TM/ETM+ stack (bands 1-5, 7)"),
+    7: ("4,3,2", "a Landsat 8/9 OLI stack (bands 1-7)"),
+    4: ("1,2,3", "an RGB + near-infrared stack"),
+}
+
+
+def bands_hint(count: int, expected: int) -> str:
+    """``", e.g. --bands 4,3,2 for ..."`` when an RGB model gets a multispectral stack of a known kind."""
+    if expected != 3 or count not in _RGB_OF_STACK:
+        return ""
+    rgb, what = _RGB_OF_STACK[count]
+    return f", e.g. --bands {rgb} for {what}"
 
 
 def _check_decodes(ds: Any, side: _Side) -> None:

@@ -72,7 +72,7 @@ def read_scaled(path: str | os.PathLike, grid: Grid, shape: tuple[int, int], ban
     from rasterio.enums import Resampling
     from rasterio.transform import Affine
     from rasterio.vrt import WarpedVRT
-    from rasterio.windows import from_bounds
+    from rasterio.windows import Window
 
     rows, cols = shape
     method = Resampling[resampling]
@@ -80,8 +80,11 @@ def read_scaled(path: str | os.PathLike, grid: Grid, shape: tuple[int, int], ban
         same_lattice = (grid.crs is None or src.crs is None or src.crs == grid.crs) and np.allclose(
             (src.transform.a, src.transform.e), (grid.transform.a, grid.transform.e), rtol=1e-9)
         if same_lattice:
-            left, right, bottom, top = grid.extent
-            win = from_bounds(left, bottom, right, top, transform=src.transform).round_offsets().round_lengths()
+            # the grid's corner in the file's pixels (not from_bounds: a pixel-grid raster without CRS has its
+            # y axis pointing down, which bounds cannot express)
+            col0, row0 = ~src.transform * (grid.transform.c, grid.transform.f)
+            win = Window(col0, row0, grid.width * grid.transform.a / src.transform.a,
+                         grid.height * grid.transform.e / src.transform.e).round_offsets().round_lengths()
             return src.read(list(bands), window=win, out_shape=(len(bands), rows, cols), resampling=method,
                             masked=True, boundless=True)
         t = grid.transform * Affine.scale(grid.width / cols, grid.height / rows)

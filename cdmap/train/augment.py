@@ -9,7 +9,10 @@ Every transform is applied identically to both dates and the label, in the refer
 5. scale-crop (always, as in the reference): resize by a random factor in [0.5, 1.5] (images bilinear with
    antialiasing, label nearest), pad right/bottom to the crop size if smaller (images 0, label ignore), then a
    random crop back to the input size,
-6. swap of the two dates (p=0.3).
+6. swap of the two dates (p=0.3),
+7. photometric jitter of each date on its own (off in the reference recipe; ``photometric`` is its probability
+   per date): a contrast gain, a brightness offset and a per-band colour offset, in normalised units, so the
+   model learns that a change of light or season between the dates is not a change on the ground.
 
 Images are float tensors (C, H, W), the label a uint8 tensor (H, W) holding 0, 1 and ``IGNORE_INDEX``. All
 randomness comes from the ``torch.Generator`` passed in, so a sample's augmentation depends only on its seed.
@@ -39,6 +42,10 @@ class AugmentConfig:
     scale_min: float = 0.5
     scale_max: float = 1.5
     swap: float = 0.3
+    photometric: float = 0.0
+    contrast: float = 0.2
+    brightness: float = 0.2
+    colour: float = 0.1
 
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -105,6 +112,15 @@ def scale_crop(
     return images[:c].to(a.dtype), images[c:].to(b.dtype), lab.round().to(torch.uint8)
 
 
+def photometric(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """One date's light: ``x * gain + offset + offset_per_band`` (images are normalised, so the offsets are in
+    band standard deviations)."""
+    gain = 1.0 + (2 * _rand(gen) - 1) * cfg.contrast
+    offset = (2 * _rand(gen) - 1) * cfg.brightness
+    per_band = (2 * torch.rand(x.shape[0], 1, 1, generator=gen) - 1) * cfg.colour
+    return x * gain + (offset + per_band).to(x.dtype)
+
+
 def augment(
     a: torch.Tensor, b: torch.Tensor, label: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig | None = None
 ) -> Sample:
@@ -125,4 +141,9 @@ def augment(
         a, b, label = scale_crop(a, b, label, s, gen)
     if _rand(gen) < cfg.swap:
         a, b = b, a
+    if cfg.photometric > 0:  # no generator draws when off: reference-recipe runs stay bit-identical
+        if _rand(gen) < cfg.photometric:
+            a = photometric(a, gen, cfg)
+        if _rand(gen) < cfg.photometric:
+            b = photometric(b, gen, cfg)
     return a.contiguous(), b.contiguous(), label.contiguous()

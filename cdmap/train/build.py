@@ -322,8 +322,9 @@ def _loaders(splits: Any, mean: list[float], std: list[float], cfg: TrainConfig,
     from cdmap.train.data import EpochSampler, TrainTiles
     from cdmap.train.state import seed_worker
 
-    train_ds = TrainTiles(splits.train, mean, std, cfg.crop_size, cfg.seed,
-                          AugmentConfig() if cfg.augment else None, cfg.ignore_index, cfg.label_coding)
+    augment = AugmentConfig(photometric=cfg.photometric) if cfg.augment else None
+    train_ds = TrainTiles(splits.train, mean, std, cfg.crop_size, cfg.seed, augment, cfg.ignore_index,
+                          cfg.label_coding)
     sampler = EpochSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed,
                            drop_last=False)
     loader_kw: dict[str, Any] = {"num_workers": rt.workers, "pin_memory": device.type == "cuda",

@@ -105,6 +105,8 @@ class TrainConfig(_Plain):
     precision: str = "auto"
     channels_last: bool | None = None
     augment: bool = True
+    photometric: float = 0.0
+    """Probability of the photometric jitter per date (0: the reference recipe, which has none)."""
     val_fraction: float | None = None
     ignore_index: int | None = None
     label_values: list[int] | None = None
@@ -142,6 +144,7 @@ class TrainConfig(_Plain):
             (self.crop_size >= 8, "--crop-size must be >= 8"),
             (self.in_channels is None or self.in_channels >= 1, "--in-channels must be >= 1"),
             (self.dropblock_prob is None or 0 <= self.dropblock_prob < 1, "dropblock probability must be in [0, 1)"),
+            (0 <= self.photometric <= 1, "--photometric must be between 0 and 1"),
             (self.hist_bins >= 2, "hist_bins must be >= 2"),
             (self.select_by in ("f1", "f1_calibrated"), "--select-by must be f1 or f1_calibrated"),
             (self.precision in PRECISIONS, f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}"),
