@@ -8,6 +8,7 @@ The public functions are imported lazily so that ``import cdmap`` (and ``cdmap -
 - :class:`cdmap.Predictor` (one network + normalisation + device, used by predict, evaluate and training)
 - :func:`cdmap.evaluate_tiles`, :func:`cdmap.evaluate_scene` (``cdmap evaluate``)
 - :func:`cdmap.load_checkpoint`, :func:`cdmap.save_checkpoint`, :class:`cdmap.Checkpoint`
+- :func:`cdmap.load_model`, :func:`cdmap.packaged_models` (the models packaged with cdmap, ``cdmap models``)
 - :class:`cdmap.FSGNet`, :class:`cdmap.ModelConfig`
 """
 
@@ -31,6 +32,8 @@ _EXPORTS = {
     "load_checkpoint": "cdmap.checkpoint",
     "save_checkpoint": "cdmap.checkpoint",
     "Checkpoint": "cdmap.checkpoint",
+    "load_model": "cdmap.weights",
+    "packaged_models": "cdmap.weights",
     "FSGNet": "cdmap.models",
     "ModelConfig": "cdmap.models.config",
     "open_pair": "cdmap.raster.pair",

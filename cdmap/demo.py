@@ -70,9 +70,10 @@ def run_demo(outdir: str | Path, *, epochs: int = 25, tiles: int = 48, tile_size
         + f"\n  polygons    {pred / 'changes.gpkg'} (layer 'changes')\n  run summary {pred / 'run.json'}"
         + (f"\n  report      {pred / 'report.html'} (open it in a browser)" if (pred / "report.html").exists()
            else "")
-        + "\n  (the demo model knows only synthetic scenes; train on real data for real imagery)"
-        + "\nNext, on your own scenes (same grid, or AFTER is warped onto BEFORE's):"
-        + f"\n  cdmap predict BEFORE.tif AFTER.tif -o my_changes -m {ckpt}"
+        + "\n  (the demo model knows only synthetic scenes)"
+        + "\nNext, on your own RGB scenes (same grid, or AFTER is warped onto BEFORE's), with the packaged model "
+        + "(see cdmap models):"
+        + "\n  cdmap predict BEFORE.tif AFTER.tif -o my_changes"
         + "\nand to train a model for them: cdmap tiles BEFORE.tif AFTER.tif LABELS.gpkg -o my_tiles, then "
         + "cdmap train my_tiles -o my_run"
     )

@@ -61,10 +61,10 @@ class EvalResult:
 
 def _load_ckpt(checkpoint):
     """A loaded checkpoint, a packaged model name, a checkpoint file, or None (the packaged default model)."""
-    from cdmap.checkpoint import Checkpoint, load_checkpoint
-    from cdmap.weights import model_path
+    from cdmap.checkpoint import Checkpoint
+    from cdmap.weights import load_model
 
-    return checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(model_path(checkpoint))
+    return checkpoint if isinstance(checkpoint, Checkpoint) else load_model(checkpoint)
 
 
 def _check_threshold(threshold: float | None, default: float) -> float:

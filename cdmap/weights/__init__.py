@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdmap.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from cdmap.checkpoint import Checkpoint
 
 FOLDER = Path(__file__).resolve().parent
 DEFAULT_MODEL = "fsgnet-rgb-v1"
@@ -44,6 +47,13 @@ def model_path(model: str | os.PathLike | None) -> Path:
                                   "PATH)", packaged)
         raise CheckpointError(f"neither a packaged model (packaged: {names}) nor a checkpoint file", text)
     return Path(text)
+
+
+def load_model(model: str | os.PathLike | None = None) -> Checkpoint:
+    """The checkpoint of ``model`` (see :func:`model_path`): ``cdmap.load_model()`` is the default model."""
+    from cdmap.checkpoint import load_checkpoint
+
+    return load_checkpoint(model_path(model))
 
 
 def packaged_models() -> list[dict[str, Any]]:
