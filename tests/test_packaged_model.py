@@ -128,3 +128,13 @@ def test_python_api_mirrors_the_cli():
     ckpt = cdmap.load_model()
     assert ckpt.source == model_path(None) and ckpt.card["name"] == DEFAULT_MODEL
     assert [e["name"] for e in cdmap.packaged_models()] == packaged_names()
+
+
+def test_a_pixel_size_far_outside_the_cards_range_is_warned(tmp_path, make_pair):
+    from rasterio.transform import from_origin
+
+    from cdmap.predict import predict_scene
+
+    a, b, _ = make_pair(tmp_path, height=96, width=96, transform=from_origin(500000.0, 4000000.0, 30.0, 30.0))
+    run = predict_scene(a, b, tmp_path / "out", quiet=True, report=False).summary
+    assert [w for w in run["warnings"] if "pixel size 30 m" in w and "0.5-2 m" in w]

@@ -20,8 +20,11 @@ def card_lines(card: dict[str, Any]) -> list[str]:
         f"bands           {card.get('band_order', ', '.join(card.get('bands', [])))}",
     ]
     if card.get("gsd_m"):
+        from cdmap.predict.fit import GSD_FACTOR
+
         lo, hi = card["gsd_m"]
-        lines.append(f"pixel size      trained on {lo:g}-{hi:g} m (warned beyond {lo / 2:g}-{hi * 2:g} m)")
+        lines.append(f"pixel size      trained on {lo:g}-{hi:g} m (warned beyond {lo / GSD_FACTOR:g}-"
+                     f"{hi * GSD_FACTOR:g} m)")
     lines += [f"training data   {data}", f"licence         {card.get('licence', 'not stated')}"]
     for name, s in card.get("held_out", {}).items():
         lines.append(f"held out        {name}: F1 {s['f1']:.3f}, IoU {s['iou']:.3f}, precision {s['precision']:.3f}, "
