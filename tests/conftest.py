@@ -78,6 +78,7 @@ def synthetic_pair(
     truth = np.zeros((height, width), dtype=np.uint8)
     for _ in range(max(1, height * width // 8000)):
         h, w = rng.integers(6, 24, size=2)
+        h, w = min(h, height - 1), min(w, width - 1)  # small scenes (hypothesis draws 20 px sides)
         r, c = rng.integers(0, height - h), rng.integers(0, width - w)
         after[:, r : r + h, c : c + w] = 230
         truth[r : r + h, c : c + w] = 1
