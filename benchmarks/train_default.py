@@ -34,7 +34,6 @@ Runs unchanged on CUDA (``--device auto``). Prints a JSON report and writes it t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -229,39 +228,34 @@ def train_run(work: Path, name: str, backbone: str, imagenet: bool, epochs: int,
 def held_out_scores(ckpt, work: Path, device: str) -> dict:
     """Per set and overall P/R/F1/IoU on the test pairs, through the scene predictor (summed counts)."""
     from cdmap.evaluate import evaluate_scene
+    from cdmap.metrics import ConfusionCounts
 
     test = work / "data" / "test"
-    totals: dict[str, dict[str, int]] = {}
+    totals: dict[str, ConfusionCounts] = {}
+    pairs: dict[str, int] = {}
     for a in sorted((test / "A").iterdir()):
         kind = a.stem.split("_")[0]
         pixel_grid = kind != "levir"  # DSIFN and SZTAKI come without georeferencing
         r = evaluate_scene(a, test / "B" / a.name, test / "label" / a.name, ckpt, device=device,
                            labels_pixel_grid=pixel_grid, allow_no_crs=pixel_grid)
         for key in (SETS[kind], "all"):
-            t = totals.setdefault(key, {"tp": 0, "fp": 0, "fn": 0, "pairs": 0})
-            for k in ("tp", "fp", "fn"):
-                t[k] += int(getattr(r.counts, k))
-            t["pairs"] += 1
-    return {k: _prf(t) for k, t in totals.items()}
+            totals[key] = totals.get(key, ConfusionCounts()) + r.counts
+            pairs[key] = pairs.get(key, 0) + 1
+    return {k: {"pairs": pairs[k], **{m: round(float(c.metrics()[m]), 4) for m in ("precision", "recall", "f1",
+                                                                                   "iou")}}
+            for k, c in totals.items()}
 
 
-def _prf(t: dict[str, int]) -> dict[str, float]:
-    tp, fp, fn = t["tp"], t["fp"], t["fn"]
-    return {"pairs": t["pairs"], "precision": round(tp / max(tp + fp, 1), 4), "recall": round(tp / max(tp + fn, 1), 4),
-            "f1": round(2 * tp / max(2 * tp + fp + fn, 1), 4), "iou": round(tp / max(tp + fp + fn, 1), 4)}
-
-
-def half_check(ckpt, work: Path) -> dict[str, Any]:
-    """Max probability difference and mask agreement of the half-precision-stored weights against fp32 (CPU,
-    the top-left 512 x 512 of every test pair)."""
+def half_check(ckpt, half, work: Path) -> dict[str, Any]:
+    """Max probability difference and mask agreement of ``half`` (the half-precision-stored weights) against
+    ``ckpt`` (fp32), on CPU, over the top-left 512 x 512 of every test pair."""
     import torch
 
-    from cdmap.checkpoint import with_half_weights
     from cdmap.data import read_image
     from cdmap.inference import Normalisation, Predictor
 
     p32 = Predictor.from_checkpoint(ckpt, device="cpu")
-    p16 = Predictor.from_checkpoint(with_half_weights(ckpt), device="cpu")
+    p16 = Predictor.from_checkpoint(half, device="cpu")
     norm = Normalisation.of(ckpt.mean, ckpt.std)
     worst, differ, total = 0.0, 0, 0
     test = work / "data" / "test"
@@ -291,12 +285,13 @@ def package(report: dict, work: Path, out: Path, args) -> dict:
 
     final = report["final"]
     ckpt = load_checkpoint(final["best_pt"])
-    ckpt.provenance["gsd_m"] = [min(GSD_M.values()), max(GSD_M.values())]
+    gsd_m = [min(GSD_M.values()), max(GSD_M.values())]
+    ckpt.provenance["gsd_m"] = gsd_m
     ckpt.provenance.pop("train_data", None)  # a path on the training machine
     scores = held_out_scores(ckpt, work, args.device)
     # half-precision storage only if it changes nothing that matters (the bf16 guard of issue 12)
-    check = half_check(ckpt, work)
     half = with_half_weights(ckpt)
+    check = half_check(ckpt, half, work)
     scores16 = held_out_scores(half, work, args.device)
     check["held_out_f1_change"] = max(abs(scores16[k]["f1"] - scores[k]["f1"]) for k in scores)
     check["stored_half"] = (check["held_out_f1_change"] <= 0.002
@@ -317,7 +312,7 @@ def package(report: dict, work: Path, out: Path, args) -> dict:
         "bands": ["red", "green", "blue"],
         "band_order": "bands 1, 2, 3 = red, green, blue (8-bit, 0-255)",
         "dtype": "uint8",
-        "gsd_m": [min(GSD_M.values()), max(GSD_M.values())],
+        "gsd_m": gsd_m,
         "training_data": data,
         "validation_pairs": len(manifest["pairs"]["val"]),
         "licence": LICENCE,
@@ -334,7 +329,7 @@ def package(report: dict, work: Path, out: Path, args) -> dict:
         "weights_dtype": "float16" if check["stored_half"] else "float32",
         "half_precision_check": check,
     }
-    packaged = half if check["stored_half"] else dataclasses.replace(ckpt)
+    packaged = half if check["stored_half"] else ckpt
     packaged.card = card
     packaged.training_state = None
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cdmap.checkpoint import Checkpoint, load_checkpoint
+from cdmap.checkpoint import Checkpoint
 from cdmap.errors import CdmapError, InputError, Interrupted, OutputError
 from cdmap.predict.options import PredictOptions, RunOptions, split_overrides
 from cdmap.predict.outputs import RUN_NAME
-from cdmap.weights import model_path
+from cdmap.weights import load_model
 
 log = logging.getLogger("cdmap.predict")
 
@@ -181,7 +181,7 @@ def predict_pairs(
     dist = init_distributed(opts.device, backend="gloo", timeout_s=run.rank_timeout)
     try:
         dist.main_first(lambda: _prepare_root(outroot, index, run), "the preparation of the output root")
-        ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model_path(model))
+        ckpt = model if isinstance(model, Checkpoint) else load_model(model)
         ranks = assign_pairs([_pixels(s.before) for s in specs], dist.world)
         pair_run = replace(run, quiet=run.quiet or not dist.main)
         mine = [_one_pair(s, outroot, ckpt, opts, pair_run, dist.rank) for s, r in zip(specs, ranks, strict=True)
