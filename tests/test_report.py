@@ -205,3 +205,24 @@ def test_preview_of_a_pair_without_crs(tmp_path, ckpt, caplog):
                           allow_no_crs=True, quiet=True)
     assert not [m for m in caplog.messages if "no preview" in m]
     assert _png_size(tmp_path / "out" / "preview.png")[0] > 112 and "report" in r.summary["outputs"]
+
+
+def test_ctrl_c_while_the_report_is_drawn_still_stops_predict(tmp_path, ckpt, monkeypatch):
+    """The report's `except Exception` (a picture never costs the rasters) must not swallow an interruption,
+    nor may matplotlib's own handlers: signals are held while it draws, then delivered."""
+    import signal
+
+    from cdmap import process, report
+    from cdmap.errors import Interrupted
+    from cdmap.predict import predict_scene
+    from tests.conftest import synthetic_pair
+
+    def drawing(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # as if Ctrl-C came mid-drawing
+        raise RuntimeError("a library caught and replaced it")
+
+    monkeypatch.setattr(report, "write_run_report", drawing)
+    before, after, _ = synthetic_pair(tmp_path, height=48, width=64)
+    with pytest.raises(Interrupted), process.SignalGuard():
+        predict_scene(before, after, tmp_path / "out", ckpt, device="cpu", vector_format="none", quiet=True)
+    assert not (tmp_path / "out" / "run.json").exists()

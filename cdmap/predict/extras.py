@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cdmap import process
+from cdmap.errors import Interrupted
 from cdmap.predict.outputs import EXTRA_NAMES
 
 if TYPE_CHECKING:
@@ -35,9 +37,14 @@ def write_extras(ctx: AssemblyContext, summary: dict[str, Any], vectors: Path | 
 
         pair = ctx.pair
         try:
-            written = report.write_run_report(work, summary, before=ctx.before, after=ctx.after, bands=pair.bands,
-                                              crs=pair.crs, transform=pair.transform, width=pair.width,
-                                              height=pair.height, mask=ctx.mask_path, vectors=vectors)
+            # matplotlib's own `except Exception` would swallow a Ctrl-C raised inside it: hold signals until done
+            with process.signals_blocked():
+                written = report.write_run_report(work, summary, before=ctx.before, after=ctx.after,
+                                                  bands=pair.bands, crs=pair.crs, transform=pair.transform,
+                                                  width=pair.width, height=pair.height, mask=ctx.mask_path,
+                                                  vectors=vectors)
+        except Interrupted:
+            raise
         except Exception as exc:  # noqa: BLE001 - a picture must never cost the user the finished rasters
             log.warning("no preview or report: %s: %s", type(exc).__name__, " ".join(str(exc).split())[:200])
             log.debug("report failure", exc_info=True)

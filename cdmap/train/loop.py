@@ -324,7 +324,8 @@ def _save(s: Session, epoch: int, thr: float, metrics: dict[str, float], rng_all
             # absolute data paths: ``--resume`` works from any directory
             tmp.write_text(json.dumps({"data_dir": str(s.data_dir), "data_dirs": [str(d) for d in s.data_dirs],
                                        **cfg.to_dict(), "runtime": s.rt.to_dict()}, indent=2))
-    write_training_plot(s.progress.history, s.run_dir / TRAINING_PLOT_NAME)
+        # inside the block too: a Ctrl-C raised inside matplotlib's own `except Exception` would be swallowed
+        write_training_plot(s.progress.history, s.run_dir / TRAINING_PLOT_NAME)
 
 
 def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
