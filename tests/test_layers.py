@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cdmap.checkpoint",),
     ("cdmap.inference",),
     ("cdmap.data", "cdmap.vector"),
+    ("cdmap.calibrate",),
     ("cdmap.predict",),
     ("cdmap.train", "cdmap.evaluate"),
     ("cdmap.demo",),

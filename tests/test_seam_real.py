@@ -16,9 +16,10 @@ from rasterio.transform import from_bounds
 pytestmark = pytest.mark.realdata
 
 
-@pytest.fixture(scope="module")
-def levir_model(shared_data, tmp_path_factory):
-    """FSG-Net trained on the LEVIR-CD 256 px samples (the full tile used for the seam test is held out)."""
+@pytest.fixture(scope="module", params=[1, 12], ids=["1-epoch", "12-epochs"])
+def levir_model(request, shared_data, tmp_path_factory):
+    """FSG-Net trained for 1 or 12 epochs on the LEVIR-CD 256 px samples (the full tile used for the seam test is
+    held out); training ends by calibrating the overlap and margin on the validation tiles."""
     from cdmap.train import TrainConfig, train
 
     src = shared_data / "levircd_bitcd_samples"
@@ -29,7 +30,7 @@ def levir_model(shared_data, tmp_path_factory):
             (data / split / sub).mkdir(parents=True)
             for n in subset:
                 shutil.copy(src / sub / n, data / split / sub / n)
-    cfg = TrainConfig(epochs=12, batch_size=4, effective_batch=8, crop_size=256, seed=0, backbone_lr=1e-3)
+    cfg = TrainConfig(epochs=request.param, batch_size=4, effective_batch=8, crop_size=256, seed=0, backbone_lr=1e-3)
     result = train(data, tmp_path_factory.mktemp("levir_run"), cfg, workers=0, quiet=True)
     return result.best_path or result.last_path
 
@@ -63,6 +64,10 @@ def test_blended_mosaic_has_no_seams_and_hard_tiling_does(tmp_path, levir_model,
     hard = predict_scene(before, after, tmp_path / "hard", levir_model, overlap=0, vector_format="none", **common)
     s_blend, s_hard = blended.summary["seam_ratio"], hard.summary["seam_ratio"]
     print(f"seam ratio blended {s_blend:.3f} (overlap {blended.summary['options']['overlap']}), hard {s_hard:.3f}")
+    from cdmap.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(levir_model)
+    assert ckpt.overlap is not None and blended.summary["options"]["overlap"] == ckpt.overlap  # the measured one
     assert s_blend <= 1.1
     assert s_hard > 1.1  # the same measurement shows seams without overlap
     assert blended.summary["overlap_disagreement"] is not None

@@ -121,5 +121,5 @@ def _register_commands() -> None:
     _registered = True
     import importlib
 
-    for name in ("info", "predict", "vectorize", "train", "demo"):
+    for name in ("info", "predict", "vectorize", "train", "calibrate", "demo"):
         importlib.import_module(f"cdmap.cli.{name}")
