@@ -2,6 +2,11 @@
 
     python benchmarks/seam_overlap.py --model RUN/best.pt            # a trained checkpoint (recommended)
     python benchmarks/seam_overlap.py --model RUN/best.pt --size 1024 --overlaps 0,32,64
+    python benchmarks/seam_overlap.py --model E1/best.pt --model E12/best.pt --margins   # per checkpoint
+
+``--margins``: for each checkpoint, the seam ratio on the real LEVIR-CD 1024 px tiles at each (overlap,
+margin) candidate of cdmap.calibrate and at overlap 0, and the choice ``cdmap calibrate`` makes on
+``--calib-data`` (default: the LEVIR-CD 256 px samples), with its ratio on the 1024 px tiles.
 
 The scene is a mosaic of real LEVIR-CD 1024 px tiles from ../shared/data (synthetic when absent).
 Seam ratio = mean |P step| between neighbouring pixels across window boundaries / mean step elsewhere
@@ -23,13 +28,20 @@ sys.path.insert(0, str(HERE))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True, help="a trained cdmap checkpoint")
+    ap.add_argument("--model", type=Path, required=True, action="append", help="a cdmap checkpoint (repeatable)")
+    ap.add_argument("--margins", action="store_true", help="seam ratio per overlap/margin and the calibrated choice")
+    ap.add_argument("--calib-data", type=Path, default=HERE.parent.parent / "shared" / "data" / "levircd_bitcd_samples")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--overlaps", default="0,16,32,64,96,128")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    if args.margins:
+        for model in args.model:
+            margin_table(model, args.calib_data, args.batch_size, args.device)
+        return
+    args.model = args.model[0]
 
     from _scenes import build_scene
 
@@ -55,6 +67,33 @@ def main() -> None:
     for ov, seam, dis, n, dt in rows:
         dis_s = f"{dis:.4f}" if dis is not None else "-"
         print(f"{ov:7d} {seam:10.3f} {dis_s:>12s} {n:8d} {dt:8.1f} {dt / base:17.2f}")
+
+
+def margin_table(model: Path, calib_data: Path, batch_size: int, device: str) -> None:
+    """Seam ratio on the LEVIR-CD full tiles per (overlap, margin), and what calibration picks."""
+    import numpy as np
+    from _scenes import _levir_tiles
+
+    from cdmap.calibrate import calibrate, candidates, seam_ratio, validation_images
+    from cdmap.checkpoint import load_checkpoint
+    from cdmap.inference import Predictor
+
+    ckpt = load_checkpoint(model)
+    tile = ckpt.tile_size
+    predictor = Predictor.from_checkpoint(ckpt, device)
+    scenes = [(a.astype(np.float32), b.astype(np.float32), np.ones(a.shape[1:], bool)) for a, b in _levir_tiles()]
+    t = time.perf_counter()
+    cal = calibrate(ckpt, validation_images(calib_data, ckpt), device, batch_size=batch_size)
+    cal_s = time.perf_counter() - t
+    print(f"\nmodel {model} (epoch {ckpt.provenance.get('epoch')}, tile {tile}); seam ratio on {len(scenes)} "
+          f"LEVIR-CD 1024 px tiles")
+    print(f"{'overlap':>7s} {'margin':>6s} {'seam ratio':>10s}")
+    for ov, m in [(0, 0), *candidates(tile)]:
+        r = seam_ratio(predictor, scenes, tile, ov, m, batch_size)
+        mark = "  <- calibrated" if (ov, m) == (cal.overlap, cal.margin) else ""
+        print(f"{ov:7d} {m:6d} {r:10.3f}{mark}", flush=True)
+    print(f"calibrated on {calib_data.name} ({cal.scenes} tiles, {cal_s:.0f} s): overlap {cal.overlap}, margin "
+          f"{cal.margin}, seam ratio there {cal.seam_ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ A checkpoint is a dict of tensors and plain containers (str, int, float, bool, l
 
 Weights may be stored in half precision (:func:`with_half_weights`, packaged models); they are loaded into
 the fp32 model as usual.
+    overlap           optional int, the window overlap measured for this model (:mod:`cdmap.calibrate`)
+    blend_margin      optional int, pixels discarded at each window edge, measured with ``overlap``
+    seam_calibration  optional dict, the measurement behind them (edge profile, seam ratio per candidate)
 
 Anything else (a pickled object, a truncated file, a newer format) is refused with a :class:`CheckpointError`.
 
@@ -60,6 +63,9 @@ class Checkpoint:
     provenance: dict[str, Any] = field(default_factory=dict)
     training_state: dict[str, Any] | None = None
     card: dict[str, Any] = field(default_factory=dict)
+    overlap: int | None = None
+    blend_margin: int | None = None
+    seam_calibration: dict[str, Any] | None = None
     # set only by load_checkpoint/save_checkpoint (a dataclasses.replace() copy has no file: both reset)
     source: Path | None = field(default=None, init=False, compare=False)
     _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
@@ -111,6 +117,9 @@ class Checkpoint:
             payload["training_state"] = self.training_state
         if self.card:
             payload["card"] = self.card
+        for name in ("overlap", "blend_margin", "seam_calibration"):
+            if getattr(self, name) is not None:
+                payload[name] = getattr(self, name)
         return payload
 
     def build_model(self, device: str | None = None):
@@ -138,6 +147,9 @@ class Checkpoint:
             "provenance": dict(self.provenance),
             "has_training_state": self.training_state is not None,
             "card": dict(self.card),
+            "overlap": self.overlap,
+            "blend_margin": self.blend_margin,
+            "seam_calibration": self.seam_calibration,
         }
 
 
@@ -238,6 +250,9 @@ def _from_payload(payload: Any, path: Path) -> Checkpoint:
             provenance=dict(payload.get("provenance", {})),
             training_state=payload.get("training_state"),
             card=dict(payload.get("card") or {}),
+            overlap=payload.get("overlap"),
+            blend_margin=payload.get("blend_margin"),
+            seam_calibration=payload.get("seam_calibration"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"cdmap checkpoint is missing or has a bad field ({exc})", path) from exc
@@ -247,7 +262,8 @@ def _from_payload(payload: Any, path: Path) -> Checkpoint:
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {"model_config": (dict,), "state_dict": (dict,), "normalization": (dict,),
                                              "card": (dict,),
-                                             "tile_size": (int,), "threshold": (float, int)}
+                                             "tile_size": (int,), "threshold": (float, int), "overlap": (int,),
+                                             "blend_margin": (int,), "seam_calibration": (dict,)}
 _CONFIG_TYPES: dict[str, tuple[type, ...]] = {"backbone": (str,), "in_channels": (int,), "num_classes": (int,),
                                               "dropblock_size": (int,), "dropblock_prob": (float, int),
                                               "attention": (str,)}
@@ -277,6 +293,11 @@ def _check_field_types(payload: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"threshold {thr} is not between 0 and 1", path)
     if isinstance(tile, int) and tile < 1:
         raise CheckpointError(f"tile_size {tile} is not a positive number of pixels", path)
+    overlap, margin = payload.get("overlap"), payload.get("blend_margin")
+    if overlap is not None and (overlap < 0 or (isinstance(tile, int) and overlap >= tile)):
+        raise CheckpointError(f"overlap {overlap} is not between 0 and the tile size", path)
+    if margin is not None and (overlap is None or margin < 0 or 2 * margin > overlap):
+        raise CheckpointError(f"blend_margin {margin} is not between 0 and half the overlap", path)
 
 
 def _check_weights(ckpt: Checkpoint, path: Path) -> None:

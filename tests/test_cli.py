@@ -24,7 +24,7 @@ def test_help_and_version_do_not_import_torch():
     proc = _run("-c", code)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout
-    for cmd in ("predict", "train", "pretrain", "vectorize", "evaluate", "tiles", "info", "demo"):
+    for cmd in ("predict", "train", "pretrain", "vectorize", "evaluate", "tiles", "info", "calibrate", "demo"):
         assert cmd in proc.stdout
 
 

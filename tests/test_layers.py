@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cdmap.backends",),
     ("cdmap.inference",),
     ("cdmap.data", "cdmap.vector", "cdmap.report"),
+    ("cdmap.calibrate",),
     ("cdmap.predict",),
     ("cdmap.train", "cdmap.pretrain", "cdmap.evaluate"),
     ("cdmap.demo",),

@@ -129,5 +129,5 @@ def _register_commands() -> None:
     _registered = True
     import importlib
 
-    for name in ("info", "predict", "vectorize", "train", "pretrain", "demo", "doctor"):
+    for name in ("info", "predict", "vectorize", "train", "pretrain", "calibrate", "demo", "doctor"):
         importlib.import_module(f"cdmap.cli.{name}")

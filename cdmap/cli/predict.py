@@ -40,7 +40,8 @@ def predict(
         "CSV): one folder per pair in OUTPUT plus OUTPUT/index.gpkg. Replaces BEFORE and AFTER."),
     model: Model = None,
     tile_size: TileSize = None,
-    overlap: int | None = typer.Option(None, "--overlap", help="Window overlap in pixels (default: tile/8)."),
+    overlap: int | None = typer.Option(
+        None, "--overlap", help="Window overlap in pixels (default: the checkpoint's measured one, else tile/8)."),
     batch_size: BatchSize = 4,
     workers: Workers = 2,
     device: Device = "auto",

@@ -82,10 +82,6 @@ def journal_blend(journal: Journal) -> BlendStats:
     return total
 
 
-def _stats_delta(now: BlendStats, before: BlendStats) -> BlendStats:
-    return BlendStats(**{k: getattr(now, k) - getattr(before, k) for k in now.__dataclass_fields__})
-
-
 class _BandComputer:
     """One compute stage over a band of adjacent strips (all of them in a fresh single-process run).
 
@@ -104,7 +100,6 @@ class _BandComputer:
         self.first, self.last = band[0].grid_row, band[-1].grid_row
         self.start_row = max(band[0].row0 - 1, 0)
         self.stitcher = StripStitcher(self.grid, start_row=self.start_row)
-        self._last_blend = BlendStats()
 
     def windows(self) -> list[GridWindow]:
         """The band's windows, whole global batches (windows [j*B, (j+1)*B)).
@@ -162,12 +157,10 @@ class _BandComputer:
         strip = self.stitcher.finish_grid_row(grid_row)
         if strip is None:
             return
-        delta = _stats_delta(self.stitcher.stats, self._last_blend)
-        self._last_blend = BlendStats(**self.stitcher.stats.to_dict())
         if grid_row < self.first:  # the context row above the band: another band's strip
             return
         data, valid = quantise(strip.prob, self.plan.options.prob_dtype)
-        self.journal.record_strip(strip.grid_row, strip.row0, strip.row1, data, valid, delta.to_dict())
+        self.journal.record_strip(strip.grid_row, strip.row0, strip.row1, data, valid, strip.stats.to_dict())
         self.stats.strips += 1
         self.stats.rows += strip.row1 - strip.row0
         process.fault_point("strip")

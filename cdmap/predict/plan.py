@@ -13,6 +13,7 @@ from cdmap.errors import UsageError
 from cdmap.predict.options import PredictOptions
 from cdmap.raster.identity import display_path, input_identity
 from cdmap.tiling import WindowGrid
+from cdmap.tiling.stitch import SEAM_METRIC
 
 DEFAULT_OVERLAP_FRACTION = 0.125  # chosen from benchmarks/seam_overlap.py (see benchmarks/RESULTS.md)
 
@@ -48,9 +49,17 @@ class PredictPlan:
         assert self.options.threshold is not None
         return self.options.threshold
 
+    @property
+    def margin(self) -> int | None:
+        """The checkpoint's measured blend margin when the overlap is its measured one, else None (overlap/4)."""
+        ck = self.checkpoint
+        if ck.blend_margin is not None and self.overlap == ck.overlap and self.tile == ck.tile_size:
+            return ck.blend_margin
+        return None
+
     def on_grid(self, height: int, width: int) -> PredictPlan:
         """This plan with the window grid over a ``height`` x ``width`` scene."""
-        return replace(self, grid=WindowGrid(height, width, self.tile, self.overlap))
+        return replace(self, grid=WindowGrid(height, width, self.tile, self.overlap, self.margin))
 
     def for_rank(self, local_rank: int, world: int) -> PredictPlan:
         """This plan on ``cuda:LOCAL_RANK`` for a rank of a torchrun job, unless the device names one GPU."""
@@ -79,7 +88,8 @@ class PredictPlan:
             "after": display_path(after),
             "inputs": list(identities),
             "checkpoint_sha256": self.checkpoint.sha256,
-            "grid": [self.grid.height, self.grid.width, self.tile, self.overlap],
+            "grid": [self.grid.height, self.grid.width, self.tile, self.overlap, self.grid.blend_margin],
+            "seam_metric": SEAM_METRIC,
             "cdmap_version": __version__,
         } | asdict(self.options)
 
@@ -89,7 +99,9 @@ def make_plan(options: PredictOptions, ckpt: Checkpoint) -> PredictPlan:
     from cdmap.device import resolve_device, resolve_precision
 
     tile = ckpt.tile_size if options.tile_size is None else options.tile_size
-    overlap = default_overlap(tile) if options.overlap is None else options.overlap
+    overlap = options.overlap
+    if overlap is None:  # the checkpoint's measured overlap (cdmap calibrate) holds for its own tile size
+        overlap = ckpt.overlap if ckpt.overlap is not None and tile == ckpt.tile_size else default_overlap(tile)
     _check_tile_options(tile, overlap)
     threshold = ckpt.threshold if options.threshold is None else options.threshold
     device = resolve_device(options.device)

@@ -127,11 +127,22 @@ def _run(dirs: list[Path], run_dir: Path, cfg: TrainConfig, rt: TrainRuntime, ck
         with process.worker_errors():
             for epoch in range(start, stop_at):
                 _epoch(s, epoch)
+        if stop_at == s.cfg.epochs and s.dist.main and s.splits.val:
+            _calibrate_seams(s)
         return _result(s, max(start, stop_at))
     except Interrupted as exc:
         raise exc.with_hint(_interrupted_hint(run_dir)) from None
     finally:
         dist.close()
+
+
+def _calibrate_seams(s: Session) -> None:
+    """Measure the window overlap and margin of the checkpoint to predict with (``best.pt``, else ``last.pt``)
+    on validation tiles (:mod:`cdmap.calibrate`)."""
+    from cdmap.calibrate import calibrate_file
+
+    best = s.run_dir / "best.pt"
+    calibrate_file(best if best.exists() else s.run_dir / "last.pt", s.splits.val, s.device, s.cfg.precision)
 
 
 def _interrupted_hint(run_dir: Path) -> str:
