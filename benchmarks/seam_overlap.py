@@ -9,8 +9,9 @@ margin) candidate of cdmap.calibrate and at overlap 0, and the choice ``cdmap ca
 ``--calib-data`` (default: the LEVIR-CD 256 px samples), with its ratio on the 1024 px tiles.
 
 The scene is a mosaic of real LEVIR-CD 1024 px tiles from ../shared/data (synthetic when absent).
-Seam ratio = mean |P step| between neighbouring pixels across window boundaries / mean step elsewhere
-(1.0 = no seam). Speed is relative to overlap 0, measured in the same run.
+Seam ratio: the run's own (cdmap.tiling.stitch.BlendStats: median piece step in and beside the blend zones
+against the median elsewhere; 1.0 = no seam, a visible grid reads above 1.1). Speed is relative to overlap 0,
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def margin_table(model: Path, calib_data: Path, batch_size: int, device: str) ->
         mark = "  <- calibrated" if (ov, m) == (cal.overlap, cal.margin) else ""
         print(f"{ov:7d} {m:6d} {r:10.3f}{mark}", flush=True)
     print(f"calibrated on {calib_data.name} ({cal.scenes} tiles, {cal_s:.0f} s): overlap {cal.overlap}, margin "
-          f"{cal.margin}, seam ratio there {cal.seam_ratio:.3f}")
+          f"{cal.margin}, seam ratio there {cal.seam_ratio:.3f}; edge profile {cal.edge}")
 
 
 if __name__ == "__main__":

@@ -242,12 +242,21 @@ def _fmt(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.3f}"
 
 
-def calibrate_checkpoint(path: str | Path, data_dir: str | Path, split: str | None = "val",
+def calibrate_checkpoint(model: str | Path, data_dir: str | Path, split: str | None = "val",
                          output: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                         batch_size: int = 4) -> tuple[Path, SeamCalibration]:
-    """Calibrate the checkpoint at ``path`` on ``data_dir``'s ``split`` and save it (to ``output``, default in
-    place, atomically). Returns the written path and the calibration."""
+                         batch_size: int = 4, limit: int = 8) -> tuple[Path, SeamCalibration]:
+    """Calibrate the checkpoint ``model`` (a file, or a packaged name with ``output``) on up to ``limit`` pairs
+    of ``data_dir``'s ``split`` and save it (to ``output``, default in place, atomically). Returns the written
+    path and the calibration."""
+    from cdmap.errors import UsageError
+    from cdmap.weights import FOLDER, model_path
+
+    path = model_path(model)
+    if output is None and path.resolve().parent == FOLDER.resolve():
+        raise UsageError(f"{model} is a packaged model: write the calibrated copy with --output FILE")
+    if limit < 1:
+        raise UsageError("--limit must be >= 1")
     ckpt = load_checkpoint(path)
-    cal = calibrate(ckpt, validation_images(data_dir, ckpt, split), device, precision, batch_size)
+    cal = calibrate(ckpt, validation_images(data_dir, ckpt, split, limit), device, precision, batch_size)
     written = save_checkpoint(with_calibration(ckpt, cal), output or path)
     return written, cal

@@ -16,7 +16,7 @@ def test_help_and_version_do_not_import_torch():
     code = (
         "import sys; from cdmap.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "for c in ('predict', 'train', 'pretrain', 'vectorize', 'evaluate', 'tiles', 'info', 'demo'):\n"
+        "for c in ('predict', 'train', 'pretrain', 'vectorize', 'evaluate', 'tiles', 'info', 'calibrate', 'demo'):\n"
         "    try:\n        main([c, '--help'])\n    except SystemExit:\n        pass\n"
         "heavy = [m for m in ('torch', 'rasterio', 'geopandas', 'shapely') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"

@@ -143,3 +143,32 @@ def test_checkpoint_carries_the_calibration_and_predict_uses_it(tmp_path):
     save_checkpoint(replace(old, overlap=8, blend_margin=6), tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="blend_margin"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_cdmap_calibrate_writes_a_calibrated_copy_and_refuses_bad_targets(tmp_path):
+    import subprocess
+    import sys
+
+    from cdmap.checkpoint import load_checkpoint
+    from cdmap.synthetic import write_tile_set
+    from tests.helpers import tiny_checkpoint
+
+    data = write_tile_set(tmp_path / "data", n_train=2, n_val=2, n_test=1, size=64)
+    ck = tiny_checkpoint(tmp_path / "t.pt")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "cdmap", "calibrate", *map(str, args)], capture_output=True,
+                              text=True)
+
+    proc = cli(ck, data, "-o", tmp_path / "c.pt", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "overlap" in proc.stdout and str(tmp_path / "c.pt") in proc.stdout
+    cal = load_checkpoint(tmp_path / "c.pt")
+    assert cal.overlap is not None and cal.seam_calibration["edge"]["bin_px"] == 4
+    assert [c["overlap"] for c in cal.seam_calibration["candidates"]][0] == 0
+    assert load_checkpoint(ck).overlap is None  # the source is untouched with --output
+    packaged = cli("fsgnet-rgb-v1", data)
+    assert packaged.returncode == 2 and "packaged model" in packaged.stderr
+    assert len(packaged.stderr.strip().splitlines()) == 1
+    missing = cli(tmp_path / "none.pt", data)
+    assert missing.returncode == 5 and "none.pt" in missing.stderr
