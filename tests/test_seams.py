@@ -167,6 +167,9 @@ def test_cdmap_calibrate_writes_a_calibrated_copy_and_refuses_bad_targets(tmp_pa
     assert cal.overlap is not None and cal.seam_calibration["edge"]["bin_px"] == 4
     assert [c["overlap"] for c in cal.seam_calibration["candidates"]][0] == 0
     assert load_checkpoint(ck).overlap is None  # the source is untouched with --output
+    info = subprocess.run([sys.executable, "-m", "cdmap", "info", str(tmp_path / "c.pt")], capture_output=True,
+                          text=True).stdout
+    assert f"overlap {cal.overlap}, margin {cal.blend_margin} (measured on" in info
     packaged = cli("fsgnet-rgb-v1", data)
     assert packaged.returncode == 2 and "packaged model" in packaged.stderr
     assert len(packaged.stderr.strip().splitlines()) == 1

@@ -34,6 +34,18 @@ def card_lines(card: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _windows_line(summary: dict[str, Any]) -> str:
+    """The overlap and margin predict uses at the checkpoint's tile size, and where they come from."""
+    if summary.get("overlap") is None:
+        return "overlap tile/8, margin overlap/4 (not calibrated: cdmap calibrate MODEL DATA measures them)"
+    cal = summary.get("seam_calibration") or {}
+    ratio = cal.get("seam_ratio")
+    depth = (cal.get("edge") or {}).get("depth")
+    return (f"overlap {summary['overlap']}, margin {summary['blend_margin']} (measured on {cal.get('scenes', '?')} "
+            f"validation tiles: seam ratio {'n/a' if ratio is None else f'{ratio:.3f}'}, edge effect "
+            f"{'?' if depth is None else depth} px)")
+
+
 @app.command("info")
 def info(
     checkpoint: str = typer.Argument(..., metavar="MODEL", help="A packaged model name or a checkpoint file (.pt)."),
@@ -63,6 +75,7 @@ def info(
                                            strict=True))
         ),
         f"tile size       {summary['tile_size']}",
+        f"windows         {_windows_line(summary)}",
         f"threshold       {summary['threshold']:.4f}",
         "metrics         " + (", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["metrics"].items())) or "none"),
         "provenance      " + ", ".join(f"{k} {v}" for k, v in sorted(summary["provenance"].items())),
