@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
     from cdmap.checkpoint import Checkpoint
 
+AUTO_MIN_SPEEDUP = 1.0
+"""``auto`` keeps an exported-graph backend only when it measured at least this fast against torch here (once
+per checkpoint, shape, backend, precision and thread count; kept in the export cache)."""
+
 
 @dataclass(frozen=True)
 class Normalisation:
@@ -83,7 +87,7 @@ class Predictor:
                  model_hash: str | None = None, owns_model: bool = False) -> None:
         import torch
 
-        from cdmap.backends import choose
+        from cdmap.backends import candidates
         from cdmap.backends.torch_backend import (
             CudaGraphForward,
             cuda_graphs_enabled,
@@ -103,7 +107,8 @@ class Predictor:
         self._graphs = (CudaGraphForward(self.model, self.device, self._dtype, self.channels_last)
                         if owns_model and cuda_graphs_enabled(self.device) else None)
         self.requested_backend = backend
-        self.backend = choose(backend, self.device, self.precision)
+        self._candidates = candidates(backend, self.device, self.precision)
+        self.backend = self._candidates.pop(0)
         self._model_hash = model_hash
         self._runners: dict[tuple[int, ...], Any] = {}
         self.setup_s = 0.0  # export/compile time spent by non-torch backends so far
@@ -142,8 +147,9 @@ class Predictor:
         self.backend = "torch"
         self._runners.clear()
 
-    def _runner(self, shape: tuple[int, ...]) -> Any:
-        """The exported-graph runner for inputs of ``shape`` (N, C, H, W), or None for torch."""
+    def _runner(self, shape: tuple[int, ...], sample: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
+        """The exported-graph runner for inputs of ``shape`` (N, C, H, W), or None for torch; ``auto`` times a
+        new runner against torch on ``sample`` (the batch at hand)."""
         if self.backend == "torch":
             return None
         key = tuple(shape[1:])
@@ -156,13 +162,25 @@ class Predictor:
                 from cdmap.backends.export import model_sha256
 
                 self._model_hash = model_sha256(self.model)
+            auto = self.requested_backend == "auto"
             try:
                 built = build_runner(self.backend, self.model, self._model_hash, key[0], key[1], key[2],
-                                     self.precision, torch.get_num_threads())
+                                     self.precision, torch.get_num_threads(),
+                                     torch_forward=self._torch_probability if auto else None, sample=sample)
             except Exception as exc:  # noqa: BLE001 - any failure means: run torch
                 self._fall_back(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
                 return None
             self.setup_s += built.setup_s
+            if auto and built.speedup is not None and built.speedup < AUTO_MIN_SPEEDUP:
+                import logging
+
+                nxt = self._candidates.pop(0) if self._candidates else "torch"
+                logging.getLogger("cdmap").info(
+                    "backend auto: %s %s runs this model at %.2fx the speed of torch here; %s %s",
+                    self.backend, self.precision, built.speedup, "running" if nxt == "torch" else "trying", nxt)
+                self.backend = nxt
+                self._runners.clear()
+                return self._runner(shape, sample)
             self._runners[key] = built
         return self._runners[key].runner
 
@@ -175,15 +193,18 @@ class Predictor:
         """P(change) ``(N, H, W)`` float32 on the device for prepared batches (numpy or tensors, 3-D or 4-D)."""
         import torch
 
-        from cdmap.backends.torch_backend import forward_probability, to_device
-
         if self.backend != "torch":
             xa, xb = _host_batch(a), _host_batch(b)
-            runner = self._runner(xa.shape)
+            runner = self._runner(xa.shape, (xa, xb))
             if runner is not None:
                 if xa.shape != xb.shape:
                     raise ValueError(f"the two dates must have the same shape, got {xa.shape} and {xb.shape}")
                 return torch.from_numpy(runner.run(xa, xb))
+        return self._torch_probability(a, b)
+
+    def _torch_probability(self, a: Any, b: Any) -> torch.Tensor:
+        from cdmap.backends.torch_backend import forward_probability, to_device
+
         xa, xb = to_device(a, self.device, self.channels_last), to_device(b, self.device, self.channels_last)
         if self._graphs is not None:
             return self._graphs(xa, xb).clone()  # the graph output buffer is reused by the next replay

@@ -209,3 +209,78 @@ def test_checkpoint_predictor_bf16_on_cpu_uses_chunked_attention_live_model_unto
     Predictor(live, ckpt.mean, ckpt.std, "cpu", "bf16")
     assert {b.attention for b in live.stsam} == {"sdpa"}
     assert live.head.block[0][0].weight.is_contiguous()
+
+
+def test_auto_keeps_an_exported_backend_only_when_it_measured_faster(ckpt, cache, monkeypatch, caplog):
+    from pathlib import Path
+
+    from cdmap.backends import runner
+
+    a, b = _batch(1)
+    ref = _reference(ckpt, a, b).numpy()
+
+    class Fake:
+        name, precision = "onnxruntime", "fp32"
+
+        def run(self, x, y):
+            return ref[: len(x)]
+
+    seen = {}
+
+    def fake_build(name, model, model_hash, bands, h, w, precision, threads, cache=None, torch_forward=None,
+                   sample=None):
+        seen["torch_forward"] = torch_forward
+        return runner.BuiltRunner(Fake(), 0.0, False, 0.0, Path("x.onnx"), speedup=seen["speed"])
+
+    monkeypatch.setattr(runner, "build_runner", fake_build)
+    monkeypatch.setattr(backends, "installed", lambda name: True)
+    monkeypatch.setattr(backends, "CPU_FP32_ORDER", ("onnxruntime",))
+    for speed, runs in ((0.8, "torch"), (1.3, "onnxruntime")):
+        seen["speed"] = speed
+        pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="auto")
+        with caplog.at_level(logging.INFO, logger="cdmap"):
+            prob = pred.probability(a, b)
+        assert pred.backend == runs and seen["torch_forward"] is not None
+        assert (prob - torch.from_numpy(ref)).abs().max() <= 1e-5
+    assert any("0.80x the speed of torch" in r.getMessage() for r in caplog.records)
+    seen["speed"] = 0.8
+    told = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="onnxruntime")
+    told.probability(a, b)
+    assert told.backend == "onnxruntime" and seen["torch_forward"] is None  # asked for by name: not timed
+
+
+def test_measure_speedup_is_torch_time_over_backend_time():
+    import time
+
+    from cdmap.backends.runner import measure_speedup
+
+    class Sleepy:
+        def __init__(self, s):
+            self.s = s
+
+        def run(self, a, b):
+            time.sleep(self.s)
+
+    torch_forward = Sleepy(0.02).run
+    assert 1.5 < measure_speedup(Sleepy(0.01), torch_forward, None, None) < 2.5
+    assert 0.35 < measure_speedup(Sleepy(0.04), torch_forward, None, None) < 0.65
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_auto_measures_speed_once_per_thread_count_and_caches_it(ckpt, cache, name, monkeypatch):
+    from cdmap.backends import runner
+
+    monkeypatch.setattr(backends, "CPU_FP32_ORDER", (name,))
+    a, b = _batch(1)
+    Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="auto").probability(a, b)
+    meta = export.read_meta(next((cache / "models").glob("*.json")))
+    speed = meta["verified"][f"{name}/fp32"]["speedup"][str(torch.get_num_threads())]
+    assert speed > 0
+
+    def timed_again(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(runner, "measure_speedup", timed_again)
+    again = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="auto")
+    again.probability(a, b)
+    assert again.backend == (name if speed >= 1.0 else "torch")

@@ -3,7 +3,8 @@
 Torch is the only hard dependency. ``onnxruntime`` and ``openvino`` (extras ``cdmap[onnx]``,
 ``cdmap[openvino]``) run the network exported once to ONNX per checkpoint, tile shape and band count and
 cached on disk (:mod:`cdmap.backends.export`). Any export or backend failure falls back to torch with one
-log line. ``auto`` picks, by :func:`choose`, the fastest installed backend that is fp32-equivalent here.
+log line. ``auto`` tries the installed backends in a measured order (:func:`candidates`) and keeps the first that
+is fp32-equivalent and, timed once against torch on this machine, faster than it; otherwise torch.
 """
 
 from __future__ import annotations
@@ -65,22 +66,28 @@ def validate(name: str | None) -> str:
     return name
 
 
-def choose(backend: str, device: Any, precision: str) -> str:
-    """The backend to try for ``backend`` (validated) on ``device`` at the resolved ``precision``.
+def candidates(backend: str, device: Any, precision: str) -> list[str]:
+    """The backends to try, in order, for ``backend`` (validated) on ``device`` at the resolved ``precision``.
 
-    ``auto``: torch on CUDA; on CPU the first installed of :data:`CPU_FP32_ORDER` for fp32 and of
-    :data:`CPU_BF16_ORDER` for bf16 on a CPU with native bf16; torch otherwise. An explicit name is returned
-    as is (the caller falls back to torch if it cannot be used).
+    ``auto``: on CPU the installed ones of :data:`CPU_FP32_ORDER` for fp32 and of :data:`CPU_BF16_ORDER` for
+    bf16 on a CPU with native bf16, then torch; torch alone elsewhere. The predictor keeps the first one that is
+    exact and measured faster than torch. An explicit name is returned as is (the caller falls back to torch if
+    it cannot be used).
     """
     backend = validate(backend)
     if backend != "auto":
-        return backend
+        return [backend]
     if getattr(device, "type", str(device)) != "cpu":
-        return "torch"
+        return ["torch"]
     if precision == "fp32":
         order = CPU_FP32_ORDER
     elif precision == "bf16" and cpu_has_native_bf16():
         order = CPU_BF16_ORDER
     else:
         order = ()
-    return next((b for b in order if installed(b)), "torch")
+    return [b for b in order if installed(b)] + ["torch"]
+
+
+def choose(backend: str, device: Any, precision: str) -> str:
+    """The first of :func:`candidates`."""
+    return candidates(backend, device, precision)[0]

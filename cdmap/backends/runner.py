@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ log = logging.getLogger("cdmap")
 EXACT_TOLERANCE = 1e-4
 # bf16 is not exact; the check only catches a broken graph (accuracy is guarded in benchmarks/RESULTS.md).
 BF16_TOLERANCE = 5e-2
+SPEED_REPEATS = 3  # interleaved timed calls per side when a backend's speed against torch is measured
 
 
 class Runner(Protocol):
@@ -34,6 +36,7 @@ class BuiltRunner:
     cache_hit: bool
     max_prob_diff: float
     onnx_path: Path
+    speedup: float | None = None  # torch time / this backend's time on the check input, at this thread count
 
 
 def _verification_input(bands: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,13 +60,33 @@ def _torch_reference(model: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         model.train(was_training)
 
 
+def measure_speedup(runner: Runner, torch_forward: Callable[[np.ndarray, np.ndarray], Any], a: np.ndarray,
+                    b: np.ndarray, repeats: int = SPEED_REPEATS) -> float:
+    """Best torch time over best ``runner`` time on ``(a, b)``, calls interleaved (both warmed up first)."""
+    runner.run(a, b)
+    torch_forward(a, b)
+    best_r = best_t = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        runner.run(a, b)
+        best_r = min(best_r, time.perf_counter() - t)
+        t = time.perf_counter()
+        torch_forward(a, b)
+        best_t = min(best_t, time.perf_counter() - t)
+    return best_t / best_r
+
+
 def build_runner(name: str, model: Any, model_hash: str, bands: int, height: int, width: int, precision: str,
-                 threads: int, cache: Path | None = None) -> BuiltRunner:
+                 threads: int, cache: Path | None = None,
+                 torch_forward: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+                 sample: tuple[np.ndarray, np.ndarray] | None = None) -> BuiltRunner:
     """Export (or reuse) the graph for this shape and start ``name`` on it; raises on any failure.
 
     The first time a (graph, backend, precision) is used it is checked against the torch fp32 model on one
     seeded input; the result is stored in the cache metadata so later runs skip the check (and a graph that
-    failed it is refused at once).
+    failed it is refused at once). With ``torch_forward`` (the torch path it would replace) its speed against
+    torch is measured too, on ``sample`` (the first real batch; else the check input), once per thread count,
+    and kept with the check (:attr:`BuiltRunner.speedup`).
     """
     from cdmap.backends import installed
     from cdmap.backends.export import cache_dir, export_onnx, record_verification
@@ -101,7 +124,15 @@ def build_runner(name: str, model: Any, model_hash: str, bands: int, height: int
     if not seen.get("ok"):
         raise BackendUnavailable(
             f"{tag} differs from torch fp32 by {seen.get('max_prob_diff')} in P(change) (tolerance {tolerance})")
-    return BuiltRunner(runner, time.perf_counter() - t0, hit, float(seen["max_prob_diff"]), onnx_path)
+    speedup = (seen.get("speedup") or {}).get(str(threads))
+    if torch_forward is not None and speedup is None:
+        speedup = measure_speedup(runner, torch_forward, *(sample or _verification_input(bands, height, width)))
+        seen = {**seen, "speedup": {**(seen.get("speedup") or {}), str(threads): round(speedup, 3)}}
+        try:
+            record_verification(meta, tag, seen)
+        except OSError as exc:
+            log.debug("could not record the %s speed in the cache: %s", tag, exc)
+    return BuiltRunner(runner, time.perf_counter() - t0, hit, float(seen["max_prob_diff"]), onnx_path, speedup)
 
 
 def _extra(name: str) -> str:
