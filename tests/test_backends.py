@@ -284,3 +284,75 @@ def test_auto_measures_speed_once_per_thread_count_and_caches_it(ckpt, cache, na
     again = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="auto")
     again.probability(a, b)
     assert again.backend == (name if speed >= 1.0 else "torch")
+
+
+def _fake_compile(monkeypatch, wrap):
+    monkeypatch.setattr(backends, "installed", lambda name: True)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: wrap(model))
+
+
+def test_compile_backend_checks_its_first_batch_and_pads_a_smaller_last_one(ckpt, monkeypatch):
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, a, b):
+            calls.append(a.shape[0])
+            return self.model(a, b)
+
+    _fake_compile(monkeypatch, Counting)
+    a, b = _batch(3)
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="compile")
+    assert pred.backend == "compile" and not pred.channels_last
+    full = pred.probability(a, b)
+    assert (full - _reference(ckpt, a, b)).abs().max() <= 1e-5
+    last = pred.probability(a[:1], b[:1])  # run at the compiled batch size, not compiled again
+    assert calls == [3, 3] and last.shape == (1, 64, 64)
+    assert (last - full[:1]).abs().max() <= 1e-5
+    assert pred.describe()["backend"] == "compile" and pred.setup_s > 0
+
+
+def test_compile_backend_falls_back_to_torch_on_failure_or_difference(ckpt, monkeypatch, caplog):
+    class Broken(torch.nn.Module):
+        def forward(self, a, b):
+            raise RuntimeError("no C++ compiler worked")
+
+    class Off(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, a, b):
+            return self.model(a, b) + torch.tensor([0.0, 0.5]).view(1, 2, 1, 1)
+
+    a, b = _batch(1)
+    for wrap, says in ((lambda m: Broken(), "no C++ compiler worked"), (Off, "differs from eager torch")):
+        _fake_compile(monkeypatch, wrap)
+        caplog.clear()
+        pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="compile")
+        with caplog.at_level(logging.WARNING, logger="cdmap"):
+            prob = pred.probability(a, b)
+            pred.probability(a, b)
+        assert pred.backend == "torch" and (prob - _reference(ckpt, a, b)).abs().max() <= 1e-5
+        lines = [r.getMessage() for r in caplog.records if r.name == "cdmap"]
+        assert len(lines) == 1 and says in lines[0]
+
+
+def test_compile_backend_without_a_compiler_falls_back(ckpt, monkeypatch, caplog):
+    monkeypatch.setattr(backends, "installed", lambda name: name == "torch")
+    with caplog.at_level(logging.WARNING, logger="cdmap"):
+        pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="compile")
+    assert pred.backend == "torch" and "C++ compiler" in caplog.records[0].getMessage()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not backends.installed("compile"), reason="no C++ compiler for inductor")
+def test_real_torch_compile_is_fp32_equivalent(ckpt):
+    a, b = _batch(2)
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="compile")
+    prob = pred.probability(a, b)
+    assert pred.backend == "compile"
+    assert (prob - _reference(ckpt, a, b)).abs().max() <= 1e-4

@@ -1,6 +1,9 @@
 """Execution backends behind :class:`cdmap.inference.Predictor`: torch (the reference), ONNX Runtime, OpenVINO.
 
-Torch is the only hard dependency. ``onnxruntime`` and ``openvino`` (extras ``cdmap[onnx]``,
+Torch is the only hard dependency. ``compile`` is torch itself through ``torch.compile`` (inductor, with
+freezing): it needs a C++ compiler on CPU, costs 20-50 s of compiling per run and shape (less with inductor's
+warm cache), and is checked against eager torch on its first batch; ``auto`` never picks it, since that cost
+only pays off on large scenes. ``onnxruntime`` and ``openvino`` (extras ``cdmap[onnx]``,
 ``cdmap[openvino]``) run the network exported once to ONNX per checkpoint, tile shape and band count and
 cached on disk (:mod:`cdmap.backends.export`). Any export or backend failure falls back to torch with one
 log line. ``auto`` tries the installed backends in a measured order (:func:`candidates`) and keeps the first that
@@ -12,7 +15,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+BACKENDS = ("auto", "torch", "compile", "onnxruntime", "openvino")
+EXPORTED = ("onnxruntime", "openvino")  # run an exported ONNX graph (cdmap.backends.runner)
 
 # Measured order on CPU at fp32-equivalent accuracy, fastest first (benchmarks/RESULTS.md section 5):
 # ONNX Runtime and OpenVINO are both ~1.5x torch; ONNX Runtime was ahead at batch 1-4, tile 256.
@@ -30,6 +34,10 @@ def installed(name: str) -> bool:
     """Whether the backend's runtime can be imported (torch always can)."""
     if name == "torch":
         return True
+    if name == "compile":  # inductor's CPU code generation needs a C++ compiler
+        from cdmap.device import cxx_compiler
+
+        return cxx_compiler() is not None
     module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(name)
     if module is None:
         return False

@@ -75,8 +75,8 @@ VectorFormat = Annotated[str, typer.Option(
     "takes none (no polygons), vectorize defaults to the one the output suffix names.")]
 Backend = Annotated[str, typer.Option(
     "--backend", help="Execution backend: auto (the fastest installed one that matches torch fp32 on this device), "
-    "torch, onnxruntime (pip install 'cdmap[onnx]') or openvino ('cdmap[openvino]'); a backend that fails falls "
-    "back to torch with one warning.")]
+    "torch, compile (torch.compile: 20-50 s of compiling first, for large scenes), onnxruntime (pip install "
+    "'cdmap[onnx]') or openvino ('cdmap[openvino]'); a backend that fails falls back to torch with one warning.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
 Resampling = Annotated[str, typer.Option(
     "--resampling", metavar="|".join(RESAMPLINGS[:6]) + "|...",

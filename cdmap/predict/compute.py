@@ -44,6 +44,7 @@ class ComputeStats:
     device: str = "cpu"
     precision: str = "fp32"
     backend: str = "torch"
+    backend_setup_s: float = 0.0  # export, compile and checks of a non-torch backend
     blend: BlendStats = field(default_factory=BlendStats)
     model_s: float = 0.0
     peak_gpu_mib: float | None = None
@@ -199,6 +200,7 @@ def compute_strips(pair: ScenePair, plan: PredictPlan, journal: Journal, run: Ru
             pool.shutdown(wait=True, cancel_futures=True)
         stats.peak_gpu_mib = predictor.peak_memory_mib()
         stats.backend = predictor.backend
+        stats.backend_setup_s = predictor.setup_s
     stats.blend = journal_blend(journal)
     return stats
 

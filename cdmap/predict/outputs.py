@@ -159,6 +159,7 @@ def run_summary(ctx: AssemblyContext, rasters: RasterStats, vectors: Any, timing
         "device": compute.device,
         "precision": compute.precision,
         "backend": compute.backend,
+        "backend_setup_s": round(compute.backend_setup_s, 3),
         "windows": {"total": compute.windows_total, "computed": compute.windows_computed,
                     "skipped_nodata": compute.windows_skipped},
         "timings": {k: round(v, 3) for k, v in timings.items()},
