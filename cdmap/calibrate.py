@@ -100,7 +100,7 @@ def edge_profile(predictor: Predictor, scenes_: Sequence[tuple[np.ndarray, np.nd
     for scene in scenes_:
         h, w = scene[2].shape
         grid = WindowGrid(h, w, tile, half, 0)
-        seen = [(x, p, v) for x, p, v in _window_probs(predictor, scene, grid, batch_size)]
+        seen = list(_window_probs(predictor, scene, grid, batch_size))
         best_d = np.full((h, w), -1, dtype=np.int64)
         best_p = np.zeros((h, w), dtype=np.float32)
         for x, p, v in seen:

@@ -106,8 +106,8 @@ class Predictor:
         self.requested_backend = backend
         self._candidates = candidates(backend, self.device, self.precision)
         self.backend = self._candidates.pop(0)
-        # inductor with freezing picks its own layouts: NHWC weights and inputs made it slower on CPU (1.19x
-        # instead of 1.53x over eager, benchmarks/RESULTS.md section 6)
+        # inductor with freezing picks its own layouts; NHWC weights and inputs made the compiled model no
+        # faster on CPU (benchmarks/RESULTS.md section 6), so it stays NCHW
         compiled_cpu = self.backend == "compile" and not self._cuda
         self.channels_last = use_channels_last(self.device, owned=owns_model) and not compiled_cpu
         self.model = prepare_model(model, self.device, self.channels_last, self.precision, owned=owns_model)

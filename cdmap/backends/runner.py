@@ -36,7 +36,7 @@ class BuiltRunner:
     cache_hit: bool
     max_prob_diff: float
     onnx_path: Path
-    speedup: float | None = None  # torch time / this backend's time on the check input, at this thread count
+    speedup: float | None = None  # torch time / this backend's time on the first batch, at this thread count
 
 
 def _verification_input(bands: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
