@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,19 +145,38 @@ def _load() -> str:
 
 # ----- backends x precisions (--compare) -------------------------------------------------------------------------
 COMPARE = [
-    # label, backend, precision, torch variant ("+"-separated: nchw = today's contiguous layout; chunked or
-    # sdpa = that STSAM attention instead of the predictor's choice)
-    ("torch fp32 (today: eager, SDPA, NCHW)", "torch", "fp32", "nchw"),
-    ("torch fp32 chunked attention, NCHW", "torch", "fp32", "nchw+chunked"),
-    ("torch fp32 (now: channels_last, SDPA)", "torch", "fp32", ""),
-    ("torch bf16 autocast, NCHW, SDPA", "torch", "bf16", "nchw+sdpa"),
+    # label, backend, precision, torch variant ("+"-separated: nchw = contiguous layout; unfolded = BatchNorm as
+    # its own op; padcopy = EfficientNet "same" convs on an explicitly padded copy; chunked or sdpa = that STSAM
+    # attention instead of the predictor's choice). The first row is the baseline of every ratio.
+    ("torch fp32 reference (eager, NCHW, BatchNorm unfolded, SDPA)", "torch", "fp32", "nchw+unfolded+padcopy"),
+    ("torch fp32 channels_last, BatchNorm unfolded (the default before BN folding)", "torch", "fp32",
+     "unfolded+padcopy"),
+    ("torch fp32 channels_last + BatchNorm folded", "torch", "fp32", "padcopy"),
+    ("torch fp32 now (channels_last, BN folded, same-padding inside the conv)", "torch", "fp32", ""),
+    ("torch fp32 now + chunked attention", "torch", "fp32", "chunked"),
     ("torch bf16 autocast channels_last, SDPA", "torch", "bf16", "sdpa"),
     ("torch bf16 autocast (now: channels_last + chunked)", "torch", "bf16", ""),
+    ("compile fp32", "compile", "fp32", ""),
     ("onnxruntime fp32", "onnxruntime", "fp32", ""),
     ("openvino fp32", "openvino", "fp32", ""),
     ("openvino bf16", "openvino", "bf16", ""),
     ("auto fp32", "auto", "fp32", ""),
 ]
+
+
+def _padcopy_forward(self, x):
+    """The EfficientNet "same" convolution as it was: always on an explicitly zero-padded copy of ``x``."""
+    import math
+
+    import torch.nn.functional as F
+
+    ih, iw = x.shape[-2], x.shape[-1]
+    (kh, kw), (sh, sw) = self.kernel_size, self.stride
+    pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+    pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+    if pad_h or pad_w:
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 def load_eval_pairs(folder: Path | None, tile: int, count: int, ckpt) -> tuple[list, list, list, list]:
@@ -175,7 +195,7 @@ def load_eval_pairs(folder: Path | None, tile: int, count: int, ckpt) -> tuple[l
             b = np.clip(a + rng.normal(0, 40, a.shape), 0, 255).astype(np.float32)
             out.append((norm.apply(a, None), norm.apply(b, None)))
         return [o[0] for o in out], [o[1] for o in out], [None] * count, [f"random{i}" for i in range(count)]
-    from cdmap.train.data import find_pairs, read_image, read_label
+    from cdmap.data import find_pairs, read_image, read_label
 
     xa, xb, labels, names = [], [], [], []
     for pair in find_pairs(folder):
@@ -212,10 +232,21 @@ def _checkpoint(path: str | None, tile: int):
 def _predictor(cfg: dict, ckpt):
     import torch
 
+    from cdmap.backends import torch_backend
     from cdmap.inference import Predictor
+    from cdmap.models.backbones import _SameConv2d
 
-    pred = Predictor.from_checkpoint(ckpt, "cpu", cfg["precision"], backend=cfg["backend"])
     variant = set(cfg["variant"].split("+"))
+    fold = torch_backend.FOLD_BATCHNORM
+    torch_backend.FOLD_BATCHNORM = "unfolded" not in variant
+    try:
+        pred = Predictor.from_checkpoint(ckpt, "cpu", cfg["precision"], backend=cfg["backend"])
+    finally:
+        torch_backend.FOLD_BATCHNORM = fold
+    if "padcopy" in variant:
+        for module in pred.model.modules():
+            if isinstance(module, _SameConv2d):
+                module.forward = types.MethodType(_padcopy_forward, module)
     for mode in ("chunked", "sdpa"):
         if mode in variant:
             for block in pred.model.stsam:  # ModelConfig validates sdpa/explicit only: set the blocks directly
@@ -345,7 +376,9 @@ def compare_main(args) -> int:
     configs = [dict(label=label, backend=be, precision=prec, variant=var, tile=tile, batch=batch,
                     threads=args.threads or 1, repeats=args.repeats, warmup=args.warmup, model=args.model,
                     data=str(args.data) if args.data else None, cache=str(cache))
-               for label, be, prec, var in COMPARE if be in ("torch", "auto") or backends.installed(be)]
+               for n, (label, be, prec, var) in enumerate(COMPARE)
+               if (be in ("torch", "auto") or backends.installed(be))
+               and (n == 0 or not args.only or any(key in label for key in args.only))]
     print(f"# load average before: {_load()}  (os.cpu_count()={os.cpu_count()}); installed: {backends.available()}")
     peaks = [measure_peak_gflops(args.threads or 1)]
     setups: list[list[dict]] = [[] for _ in configs]
@@ -456,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="--compare: checkpoint (default: random weights)")
     p.add_argument("--data", type=Path, default=None,
                    help="--compare: folder with A/, B/, label/ of held-out pairs (default: random inputs)")
+    p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                   help="--compare: only the configurations whose label contains one of these (plus the baseline)")
     p.add_argument("--cache", default=None, help="--compare: export cache (default: a fresh, cold one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--compare-worker", help=argparse.SUPPRESS)

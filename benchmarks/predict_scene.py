@@ -12,15 +12,16 @@ Three figures, measured in one run on the same machine:
     overlapping predictions (what most peers do); MPix/s and peak RSS in a fresh subprocess.
 Ratios printed: end-to-end / model-only (goal >= 0.9 on CPU) and end-to-end / naive.
 
-Backends (``--backends``): every backend x precision of :class:`cdmap.inference.Predictor` end to end, in
-one run, configurations interleaved round by round, each in a fresh process, against today's unchanged
-``cdmap predict`` (torch fp32). ``predict_scene`` has no backend option yet, so the driver runs the real
-``cdmap.predict.predict_scene`` (reads, blending, rasters, polygons, run.json) with the network replaced by a
-shim that calls ``Predictor.probability`` of the chosen backend/precision (returning log-probabilities, so
-predict's softmax gives back the same P(change)). Printed per configuration: end-to-end speed-up, setup
-(export/compile/check, cold cache), end-to-end / model-only in the same process, and max P(change) difference
-and change-mask agreement with the torch fp32 run (float32 probability output). All configurations run in one
-process, whole runs interleaved round by round, so a shared machine's load drifts hit them alike::
+Backends (``--backends``): every backend x precision of :class:`cdmap.inference.Predictor` end to end, in one
+run, configurations interleaved round by round, each in a fresh process, against today's unchanged ``cdmap
+predict`` (torch fp32, the network as built from the checkpoint: NCHW, BatchNorm unfolded). To time each
+backend in the same warm process, the driver runs the real ``cdmap.predict.predict_scene`` (reads, blending,
+rasters, polygons, run.json) with the network replaced by a shim that calls ``Predictor.probability`` of the
+chosen backend/precision (returning log-probabilities, so predict's softmax gives back the same P(change)).
+Printed per configuration: end-to-end speed-up, setup (export/compile/check, cold cache), end-to-end /
+model-only in the same process, and max P(change) difference and change-mask agreement with the torch fp32 run
+(float32 probability output). All configurations run in one process, whole runs interleaved round by round, so
+a shared machine's load drifts hit them alike::
 
     python benchmarks/predict_scene.py --size 1024 --backends --model best.pt --threads 1 --rounds 5
 """
@@ -153,7 +154,10 @@ for c in cfg["configs"]:
         setup.append(0.0)
         continue
     t0 = time.perf_counter()
+    from cdmap.backends import torch_backend
+    torch_backend.FOLD_BATCHNORM = not c.get("unfolded")
     pred = Predictor.from_checkpoint(ckpt, "cpu", c["precision"], backend=c["backend"])
+    torch_backend.FOLD_BATCHNORM = True
     pred.probability(z, z)  # export / compile / check for the tile shape (cold cache: this run pays it)
     setup.append(time.perf_counter() - t0)
     preds.append(pred)
@@ -194,7 +198,9 @@ print(json.dumps({"e2e_s": e2e, "model_scene_s": model, "setup_s": setup}))
 
 BACKEND_CONFIGS = [
     ("cdmap predict unchanged (torch fp32, today)", "unchanged", "fp32"),
-    ("Predictor torch fp32 (channels_last)", "torch", "fp32"),
+    ("Predictor torch fp32 (channels_last), BatchNorm unfolded (the default before BN folding)", "torch", "fp32",
+     "unfolded"),
+    ("Predictor torch fp32 (channels_last, BatchNorm folded)", "torch", "fp32"),
     ("Predictor torch bf16", "torch", "bf16"),
     ("Predictor onnxruntime fp32", "onnxruntime", "fp32"),
     ("Predictor openvino fp32", "openvino", "fp32"),
@@ -213,8 +219,10 @@ def backends_main(args, before: Path, after: Path, work: Path, source: str, over
     if args.model is None:
         raise SystemExit("--backends needs --model (a trained checkpoint: the masks are compared)")
     grid = WindowGrid(args.size, args.size, args.tile, overlap)
-    configs = [dict(label=label, backend=be, precision=prec) for label, be, prec in BACKEND_CONFIGS
-               if be in ("unchanged", "torch", "auto") or backends.installed(be)]
+    configs = [dict(label=label, backend=be, precision=prec, unfolded="unfolded" in rest)
+               for n, (label, be, prec, *rest) in enumerate(BACKEND_CONFIGS)
+               if (be in ("unchanged", "torch", "auto") or backends.installed(be))
+               and (n == 0 or not args.only or any(key in label for key in args.only))]
     cfg = dict(configs=configs, model=str(args.model), tile=args.tile, overlap=overlap, batch=args.batch_size,
                threads=args.threads, workers=args.workers, cache=str(work / "cache"), before=str(before),
                after=str(after), work=str(work), sample=args.sample, windows=len(grid), rounds=args.rounds)
@@ -268,6 +276,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="--backends: torch/backend threads")
     ap.add_argument("--workers", type=int, default=2, help="--backends: reader threads")
     ap.add_argument("--rounds", type=int, default=2, help="--backends: interleaved rounds")
+    ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                    help="--backends: only the configurations whose label contains one of these (plus the baseline)")
     args = ap.parse_args()
 
     from cdmap.predict import default_overlap

@@ -35,6 +35,11 @@ def use_channels_last(device: Any, owned: bool = True) -> bool:
 CPU_ATTENTION = {"bf16": "chunked"}
 
 
+# Eval BatchNorm folded into the convolution before it, for networks the predictor owns: 1.09x fp32 on this
+# CPU for the packaged model, P(change) within 1e-6 (benchmarks/RESULTS.md section 6).
+FOLD_BATCHNORM = True
+
+
 def set_attention(model: Any, mode: str) -> None:
     """Switch every STSAM block of ``model`` to ``mode`` (the config keeps its own value: it is a kernel choice)."""
     from cdmap.models.blocks import STSAM
@@ -63,7 +68,12 @@ def to_channels_last(model: Any) -> Any:
 def prepare_model(model: Any, device: Any, channels_last: bool | None = None, precision: str | None = None,
                   owned: bool = False) -> Any:
     """The network ready for inference on ``device`` (channels_last on CUDA, where cuDNN prefers NHWC; on CPU
-    a network the predictor owns also gets the attention kernel measured fastest for ``precision``)."""
+    a network the predictor owns also gets the attention kernel measured fastest for ``precision``, and its
+    BatchNorm folded into the convolutions when :data:`FOLD_BATCHNORM`)."""
+    if owned and FOLD_BATCHNORM:
+        from cdmap.models.fold import fold_batchnorm
+
+        fold_batchnorm(model.eval())
     if use_channels_last(device) if channels_last is None else channels_last:
         model = to_channels_last(model)
     if owned and device.type == "cpu" and precision in CPU_ATTENTION:

@@ -9,7 +9,8 @@
   (up to stride 16) are built; ``full=True`` builds blocks 11-15 too (stride 32, 320 channels; pretraining).
 
 :func:`load_backbone_weights` loads such a file into a backbone (or an FSG-Net's ``.backbone``) and says
-exactly what it did in a :class:`LoadReport`.
+exactly what it did in a :class:`LoadReport`. ``conv_bn_pairs`` on a block names the convolution/BatchNorm
+attributes its forward applies back to back, ``bn(conv(x))``: :mod:`cdmap.models.fold` folds them for inference.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
 
 class BasicBlock(nn.Module):
     expansion = 1
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
         super().__init__()
@@ -56,6 +58,8 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     """torchvision's ResNet v1.5 bottleneck (stride on the 3x3 conv)."""
+
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     expansion = 4
 
@@ -83,6 +87,8 @@ class ResNetFeatures(nn.Module):
 
     ``layers`` may hold a 4th block count: ``layer4`` is then built too (not used by :meth:`forward`).
     """
+
+    conv_bn_pairs = (("conv1", "bn1"),)
 
     stem_key = "conv1.weight"
     skip_prefixes: tuple[str, ...] = ("layer4.", "fc.")
@@ -141,13 +147,18 @@ class _SameConv2d(nn.Conv2d):
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
         pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if pad_h or pad_w:
-            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        if pad_h % 2 == 0 and pad_w % 2 == 0:
+            # symmetric (every stride-1 conv): the convolution pads by itself, no padded copy of x
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pad_h // 2, pad_w // 2), self.dilation,
+                            self.groups)
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class _MBConv(nn.Module):
     """Mobile inverted bottleneck without squeeze-excitation (EfficientNet-Lite)."""
+
+    conv_bn_pairs = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int) -> None:
         super().__init__()
@@ -186,6 +197,8 @@ _LITE_STAGES: dict[int, tuple[tuple[tuple[int, int, int, int, int, int], ...], .
 class EfficientNetLiteFeatures(nn.Module):
     """EfficientNet-Lite0/1/2 stem + blocks up to stride 16, returning the stride 4/8/16 features
     (Lite0: 24/40/112 channels; Lite1: 24/40/112; Lite2: 24/48/120). ``full`` builds the stride-32 blocks too."""
+
+    conv_bn_pairs = (("_conv_stem", "_bn0"),)
 
     stem_key = "_conv_stem.weight"
 
