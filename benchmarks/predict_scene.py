@@ -131,6 +131,7 @@ os.environ["CDMAP_CACHE_DIR"] = cfg["cache"]
 import numpy as np, torch
 torch.set_num_threads(cfg["threads"])
 from cdmap.checkpoint import Checkpoint, load_checkpoint
+from cdmap.backends import torch_backend
 from cdmap.inference import Predictor
 from cdmap.predict import predict_scene
 ckpt = load_checkpoint(cfg["model"])
@@ -154,7 +155,6 @@ for c in cfg["configs"]:
         setup.append(0.0)
         continue
     t0 = time.perf_counter()
-    from cdmap.backends import torch_backend
     torch_backend.FOLD_BATCHNORM = not c.get("unfolded")
     pred = Predictor.from_checkpoint(ckpt, "cpu", c["precision"], backend=c["backend"])
     torch_backend.FOLD_BATCHNORM = True
@@ -172,9 +172,11 @@ e2e = [[] for _ in preds]
 model = [[] for _ in preds]
 for rnd in range(cfg["rounds"]):
     for i, (c, pred) in enumerate(zip(cfg["configs"], preds)):
+        # predict_scene's own predictor runs plain torch: the shim (or the reference network) is what it runs
         kw = dict(tile_size=tile, overlap=cfg["overlap"], batch_size=bsz, device="cpu", overwrite=True, quiet=True,
-                  prob_dtype="float32", workers=cfg["workers"])
-        if pred is None:
+                  prob_dtype="float32", workers=cfg["workers"], backend="torch")
+        torch_backend.FOLD_BATCHNORM = torch_backend.CPU_CHANNELS_LAST = pred is not None
+        if pred is None:  # the reference: the network as built from the checkpoint (NCHW, BatchNorm unfolded)
             Checkpoint.build_model = original_build
             kw["precision"] = c["precision"]
             run = unchanged_model
