@@ -217,13 +217,14 @@ def validation_images(data_dir: str | Path, ckpt: Checkpoint, split: str | None 
 
 def read_pairs(pairs: Sequence[Any], ckpt: Checkpoint) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Raw ``(a, b, valid)`` of labelled pairs (:class:`cdmap.data.PairFiles`), valid where both dates are."""
-    from cdmap.data import read_image
+    from cdmap.data import no_georef_warning, read_image
 
     out = []
-    for p in pairs:
-        a, a_bad = read_image(p.a, bands=ckpt.in_channels)
-        b, b_bad = read_image(p.b, bands=ckpt.in_channels)
-        out.append((a, b, ~(a_bad | b_bad)))
+    with no_georef_warning():  # labelled tiles are often PNGs: a pixel grid is what they are meant to be
+        for p in pairs:
+            a, a_bad = read_image(p.a, bands=ckpt.in_channels)
+            b, b_bad = read_image(p.b, bands=ckpt.in_channels)
+            out.append((a, b, ~(a_bad | b_bad)))
     return out
 
 

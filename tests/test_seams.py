@@ -162,6 +162,7 @@ def test_cdmap_calibrate_writes_a_calibrated_copy_and_refuses_bad_targets(tmp_pa
 
     proc = cli(ck, data, "-o", tmp_path / "c.pt", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
+    assert "NotGeoreferenced" not in proc.stderr  # labelled tiles are pixel grids: no warning for that
     assert "overlap" in proc.stdout and str(tmp_path / "c.pt") in proc.stdout
     cal = load_checkpoint(tmp_path / "c.pt")
     assert cal.overlap is not None and cal.seam_calibration["edge"]["bin_px"] == 4
