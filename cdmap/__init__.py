@@ -37,6 +37,7 @@ _EXPORTS = {
     "FSGNet": "cdmap.models",
     "ModelConfig": "cdmap.models.config",
     "open_pair": "cdmap.raster.pair",
+    "tune_allocator": "cdmap.allocator",
 }
 
 __all__ = ["__version__", *_EXPORTS]

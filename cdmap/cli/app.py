@@ -51,11 +51,13 @@ def _root(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print warnings and errors only."),
 ) -> None:
     """cdmap: change maps, masks and polygons from two GeoTIFF scenes."""
+    from cdmap.allocator import tune_allocator
     from cdmap.cli import logs
 
     _state["verbose"] = verbose_flag or _state["verbose"]
     if quiet:
         logs.set_quiet()
+    tune_allocator()  # large tensors reuse the pages of the previous batch (cdmap/allocator.py)
 
 
 def fail(message: str, code: int) -> None:
