@@ -5,8 +5,9 @@ default / tuned for ``--rounds`` rounds on the same machine:
 
 * model: the packaged model's forward through ``Predictor.probability`` (tile 256, batch 4, torch fp32), median
   of ``--repeats`` calls after 2 warm-up calls, and the process's peak resident set;
-* end to end: ``cdmap predict --backend torch --no-report`` on a LEVIR-CD mosaic (``_scenes.build_scene``),
-  ``compute_s`` and ``total_s`` of run.json and its ``peak_rss_mib`` (``CDMAP_TUNE_MALLOC=0`` for the default).
+* end to end: ``cdmap predict --backend BACKEND --no-report`` (default torch) on a LEVIR-CD mosaic
+  (``_scenes.build_scene``): ``compute_s``, ``total_s`` and ``peak_rss_mib`` of run.json
+  (``CDMAP_TUNE_MALLOC=0`` for the default).
 
     python benchmarks/allocator.py --size 2048 --rounds 3
 """
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6, help="timed forward calls per model process")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--backend", default="torch", help="backend of the end-to-end runs (the model rows: torch)")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from _scenes import build_scene
@@ -76,7 +78,7 @@ def main() -> None:
                                  capture_output=True, text=True, check=True, env={**env, **extra}).stdout
             model[mode].append(json.loads(out.strip().splitlines()[-1]))
             outdir = work / f"out_{mode}"
-            subprocess.run([*cdmap, "predict", str(before), str(after), "-o", str(outdir), "--backend", "torch",
+            subprocess.run([*cdmap, "predict", str(before), str(after), "-o", str(outdir), "--backend", args.backend,
                             "--no-report", "--overwrite", "-q"], check=True, env={**env, **extra},
                            capture_output=True)
             run = json.loads((outdir / "run.json").read_text())

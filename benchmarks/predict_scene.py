@@ -128,6 +128,9 @@ import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 cfg = json.loads(sys.argv[2])
 os.environ["CDMAP_CACHE_DIR"] = cfg["cache"]
+if cfg["tune_malloc"]:
+    from cdmap.allocator import tune_allocator
+    assert tune_allocator()
 import numpy as np, torch
 torch.set_num_threads(cfg["threads"])
 from cdmap.checkpoint import Checkpoint, load_checkpoint
@@ -227,7 +230,8 @@ def backends_main(args, before: Path, after: Path, work: Path, source: str, over
                and (n == 0 or not args.only or any(key in label for key in args.only))]
     cfg = dict(configs=configs, model=str(args.model), tile=args.tile, overlap=overlap, batch=args.batch_size,
                threads=args.threads, workers=args.workers, cache=str(work / "cache"), before=str(before),
-               after=str(after), work=str(work), sample=args.sample, windows=len(grid), rounds=args.rounds)
+               after=str(after), work=str(work), sample=args.sample, windows=len(grid), rounds=args.rounds,
+               tune_malloc=args.tune_malloc)
     env = dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(HERE.parent), json.dumps(cfg)], stdout=subprocess.PIPE,
                           text=True, env=env, check=True)
@@ -242,7 +246,8 @@ def backends_main(args, before: Path, after: Path, work: Path, source: str, over
     base = res["e2e_s"][0]
     print(f"\nscene {args.size}x{args.size} ({source}), tile {args.tile}, overlap {overlap}, batch {args.batch_size}, "
           f"{len(grid)} windows, {args.threads} torch/backend thread(s), {args.workers} reader thread(s), "
-          f"{os.cpu_count()} CPU cores; all configurations in ONE process (warm), whole predict_scene runs "
+          f"{os.cpu_count()} CPU cores; malloc {'tuned' if args.tune_malloc else 'glibc default'}; "
+          f"all configurations in ONE process (warm), whole predict_scene runs "
           f"interleaved A B C ... for {args.rounds} rounds; speed-up = median over rounds of (unchanged e2e time "
           f"/ this e2e time) in the same round; e2e / model-only = median over rounds of (model-only scene "
           f"time, {args.sample} windows timed right after that run and scaled / e2e time)")
@@ -278,6 +283,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="--backends: torch/backend threads")
     ap.add_argument("--workers", type=int, default=2, help="--backends: reader threads")
     ap.add_argument("--rounds", type=int, default=2, help="--backends: interleaved rounds")
+    ap.add_argument("--tune-malloc", action="store_true",
+                    help="--backends: the driver process runs with cdmap.tune_allocator() (as the cdmap command)")
     ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                     help="--backends: only the configurations whose label contains one of these (plus the baseline)")
     args = ap.parse_args()
