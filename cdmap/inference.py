@@ -207,41 +207,86 @@ class Predictor:
         self._compiled = None
 
     def _runner(self, shape: tuple[int, ...], sample: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
-        """The exported-graph runner for inputs of ``shape`` (N, C, H, W), or None for torch; ``auto`` times a
-        new runner against torch on ``sample`` (the batch at hand)."""
+        """The exported-graph runner for inputs of ``shape`` (N, C, H, W), or None for torch; ``auto`` picks
+        the fastest of its candidates, timed against torch on ``sample`` (the batch at hand)."""
         if self.backend == "torch":
             return None
         key = tuple(shape[1:])
         if key not in self._runners:
-            import torch
-
-            from cdmap.backends.runner import build_runner
-
             if self._model_hash is None:
                 from cdmap.backends.export import model_sha256
 
                 self._model_hash = model_sha256(self.model)
-            auto = self.requested_backend == "auto"
-            try:
-                built = build_runner(self.backend, self.model, self._model_hash, key[0], key[1], key[2],
-                                     self.precision, torch.get_num_threads(),
-                                     torch_forward=self._torch_probability if auto else None, sample=sample)
-            except Exception as exc:  # noqa: BLE001 - any failure means: run torch
-                self._fall_back(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+            if self.requested_backend == "auto":
+                built = self._fastest(key, sample)
+            else:
+                try:
+                    built = self._build(self.backend, key)
+                except Exception as exc:  # noqa: BLE001 - any failure means: run torch
+                    self._fall_back(_reason(exc))
+                    built = None
+            if built is None:
                 return None
-            self.setup_s += built.setup_s
-            if auto and built.speedup is not None and built.speedup < AUTO_MIN_SPEEDUP:
-                import logging
-
-                nxt = self._candidates.pop(0) if self._candidates else "torch"
-                logging.getLogger("cdmap").info(
-                    "backend auto: %s %s runs this model at %.2fx the speed of torch here; %s %s",
-                    self.backend, self.precision, built.speedup, "running" if nxt == "torch" else "trying", nxt)
-                self.backend = nxt
-                self._runners.clear()
-                return self._runner(shape, sample)
             self._runners[key] = built
         return self._runners[key].runner
+
+    def _build(self, name: str, key: tuple[int, ...], sample: tuple[np.ndarray, np.ndarray] | None = None,
+               timed: bool = False) -> Any:
+        import torch
+
+        from cdmap.backends.runner import build_runner
+
+        built = build_runner(name, self.model, self._model_hash, key[0], key[1], key[2], self.precision,
+                             torch.get_num_threads(), torch_forward=self._torch_probability if timed else None,
+                             sample=sample)
+        self.setup_s += built.setup_s
+        return built
+
+    def _fastest(self, key: tuple[int, ...], sample: tuple[np.ndarray, np.ndarray] | None) -> Any:
+        """``auto``: every candidate's speed against torch (measured once per checkpoint, shape and thread
+        count, then read from the export cache), and the runner of the fastest one if it beats torch."""
+        import logging
+
+        import torch
+
+        from cdmap.backends.runner import cached_speedup
+
+        log = logging.getLogger("cdmap")
+        names = [self.backend, *(c for c in self._candidates if c != "torch")]
+        speeds: dict[str, float] = {}
+        best: tuple[str, Any] | None = None  # only the fastest runner built so far is kept (each holds a graph)
+        for name in names:
+            known = cached_speedup(name, self._model_hash, key, self.precision, torch.get_num_threads())
+            if known is not None:
+                speeds[name] = known
+                continue
+            try:
+                built = self._build(name, key, sample, timed=True)
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot run is not a candidate
+                log.warning("backend %s not used (%s)", name, _reason(exc))
+                continue
+            if built.speedup is not None:
+                speeds[name] = built.speedup
+                if best is None or built.speedup > speeds[best[0]]:
+                    best = (name, built)
+        chosen = max(speeds, key=speeds.__getitem__) if speeds else "torch"
+        if chosen != "torch" and speeds[chosen] < AUTO_MIN_SPEEDUP:
+            chosen = "torch"
+        figures = ", ".join(f"{n} {self.precision} {v:.2f}x" for n, v in speeds.items())
+        if figures:
+            log.info("backend auto: %s the speed of torch here; running %s", figures, chosen)
+        self.backend = chosen
+        self._candidates = []
+        if chosen == "torch":
+            self._runners.clear()
+            return None
+        if best is not None and best[0] == chosen:
+            return best[1]
+        try:
+            return self._build(chosen, key)
+        except Exception as exc:  # noqa: BLE001 - any failure means: run torch
+            self._fall_back(_reason(exc))
+            return None
 
     def prepare(self, a: np.ndarray, b: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Normalise both dates ``(C, H, W)`` and zero the pixels that are not valid in both."""
@@ -318,6 +363,11 @@ def _host_batch(x: Any) -> np.ndarray:
     if x.ndim == 3:
         x = x[None]
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: first line of the message`` of a backend failure, at most 300 characters."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -249,6 +249,49 @@ def test_auto_keeps_an_exported_backend_only_when_it_measured_faster(ckpt, cache
     assert told.backend == "onnxruntime" and seen["torch_forward"] is None  # asked for by name: not timed
 
 
+def test_auto_runs_the_fastest_candidate_not_the_first_faster_one(ckpt, cache, monkeypatch, caplog):
+    from pathlib import Path
+
+    from cdmap.backends import runner
+
+    a, b = _batch(1)
+    ref = _reference(ckpt, a, b).numpy()
+    speeds = {"onnxruntime": 1.2, "openvino": 1.5}
+    built = []
+
+    class Fake:
+        precision = "fp32"
+
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, x, y):
+            return ref[: len(x)]
+
+    def fake_build(name, model, model_hash, bands, h, w, precision, threads, cache=None, torch_forward=None,
+                   sample=None):
+        built.append((name, torch_forward is not None))
+        return runner.BuiltRunner(Fake(name), 0.0, False, 0.0, Path("x.onnx"), speedup=speeds[name])
+
+    monkeypatch.setattr(runner, "build_runner", fake_build)
+    monkeypatch.setattr(backends, "installed", lambda name: True)
+    monkeypatch.setattr(backends, "CPU_FP32_ORDER", ("onnxruntime", "openvino"))
+    pred = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="auto")
+    with caplog.at_level(logging.INFO, logger="cdmap"):
+        pred.probability(a, b)
+    assert pred.backend == "openvino"
+    assert built == [("onnxruntime", True), ("openvino", True)]  # both timed, the fastest kept without a rebuild
+    assert any("onnxruntime fp32 1.20x, openvino fp32 1.50x" in r.getMessage() for r in caplog.records)
+
+    # Speeds already in the export cache: nothing is timed again, only the fastest is built.
+    monkeypatch.setattr(runner, "cached_speedup", lambda name, *args, **kwargs: {"onnxruntime": 1.4,
+                                                                                  "openvino": 1.1}[name])
+    built.clear()
+    again = Predictor.from_checkpoint(ckpt, "cpu", "fp32", backend="auto")
+    again.probability(a, b)
+    assert again.backend == "onnxruntime" and built == [("onnxruntime", False)]
+
+
 def test_measure_speedup_is_torch_time_over_backend_time():
     import time
 

@@ -6,8 +6,9 @@ warm cache), and is checked against eager torch on its first batch; ``auto`` nev
 only pays off on large scenes. ``onnxruntime`` and ``openvino`` (extras ``cdmap[onnx]``,
 ``cdmap[openvino]``) run the network exported once to ONNX per checkpoint, tile shape and band count and
 cached on disk (:mod:`cdmap.backends.export`). Any export or backend failure falls back to torch with one
-log line. ``auto`` tries the installed backends in a measured order (:func:`candidates`) and keeps the first that
-is fp32-equivalent and, timed once against torch on this machine, faster than it; otherwise torch.
+log line. ``auto`` times every installed candidate (:func:`candidates`) that is fp32-equivalent against torch
+on the first real batch (once per checkpoint, tile shape and thread count; cached with the export) and runs the
+fastest, if it beats torch; otherwise torch.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def candidates(backend: str, device: Any, precision: str) -> list[str]:
     """The backends to try, in order, for ``backend`` (validated) on ``device`` at the resolved ``precision``.
 
     ``auto``: on CPU the installed ones of :data:`CPU_FP32_ORDER` for fp32 and of :data:`CPU_BF16_ORDER` for
-    bf16 on a CPU with native bf16, then torch; torch alone elsewhere. The predictor keeps the first one that is
+    bf16 on a CPU with native bf16, then torch; torch alone elsewhere. The predictor runs the fastest one that is
     exact and measured faster than torch. An explicit name is returned as is (the caller falls back to torch if
     it cannot be used).
     """

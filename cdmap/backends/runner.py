@@ -76,6 +76,20 @@ def measure_speedup(runner: Runner, torch_forward: Callable[[np.ndarray, np.ndar
     return best_t / best_r
 
 
+def cached_speedup(name: str, model_hash: str, shape: tuple[int, ...], precision: str, threads: int,
+                   cache: Path | None = None) -> float | None:
+    """The speed against torch recorded for ``name``/``precision`` on this graph (``shape`` = bands, H, W) and
+    thread count, or None when it was never measured or the backend failed its check."""
+    from cdmap.backends.export import cache_dir, cache_key, read_meta
+
+    key = cache_key(model_hash, *shape)
+    seen = read_meta((cache or cache_dir()) / "models" / f"{key}.json").get("verified", {}).get(f"{name}/{precision}")
+    if not seen or not seen.get("ok"):
+        return None
+    value = (seen.get("speedup") or {}).get(str(threads))
+    return float(value) if value is not None else None
+
+
 def build_runner(name: str, model: Any, model_hash: str, bands: int, height: int, width: int, precision: str,
                  threads: int, cache: Path | None = None,
                  torch_forward: Callable[[np.ndarray, np.ndarray], Any] | None = None,
