@@ -18,8 +18,8 @@ PKG = Path(__file__).resolve().parents[1] / "cdmap"
 # Within a layer, imports between different entries are allowed as long as they form no cycle.
 LAYERS: list[tuple[str, ...]] = [
     ("cdmap._version", "cdmap.errors"),
-    ("cdmap.process", "cdmap.files", "cdmap.progress", "cdmap.device", "cdmap.distributed", "cdmap.metrics",
-     "cdmap.synthetic", "cdmap.doctor"),
+    ("cdmap.process", "cdmap.allocator", "cdmap.files", "cdmap.progress", "cdmap.device", "cdmap.distributed",
+     "cdmap.metrics", "cdmap.synthetic", "cdmap.doctor"),
     ("cdmap.raster", "cdmap.tiling", "cdmap.models", "cdmap.labels"),
     ("cdmap.checkpoint", "cdmap.weights"),
     ("cdmap.backends",),
