@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,12 +46,6 @@ for _ in range(int(sys.argv[3])):
 hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
 print(json.dumps({"tuned": tuned, "median_s": sorted(t)[len(t) // 2], "peak_mib": hwm}))
 """
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def main() -> None:
@@ -100,8 +95,8 @@ def main() -> None:
     for label, d, t, peak_key, src in rows:
         ratios = [a / b for a, b in zip(d, t, strict=True)]
         peaks = [max(r[peak_key] for r in src[m]) for m in modes]
-        print(f"| {label} | {_median(d):.1f} | {_median(t):.1f} | {', '.join(f'{r:.2f}' for r in ratios)} | "
-              f"{_median(ratios):.2f} | {peaks[0]:.0f} / {peaks[1]:.0f} |")
+        print(f"| {label} | {median(d):.1f} | {median(t):.1f} | {', '.join(f'{r:.2f}' for r in ratios)} | "
+              f"{median(ratios):.2f} | {peaks[0]:.0f} / {peaks[1]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,12 +38,6 @@ from cdmap.predict import predict_scene
 predict_scene(sys.argv[1], sys.argv[2], sys.argv[3], None, backend="torch", overwrite=True, quiet=True,
               report=False, prob_dtype="float32")
 """
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def main() -> None:
@@ -104,9 +99,9 @@ def main() -> None:
         comp = [b["compute_s"] / r["compute_s"] for b, r in zip(base, rs, strict=True)]
         prob, mask = read(i, "change_probability.tif"), read(i, "change_mask.tif")
         diff = float(np.nanmax(np.abs(prob.astype(np.float64) - ref_p)))
-        print(f"| {label} | {rs[-1]['backend']} | {_median([r['total_s'] for r in rs]):.1f} | {_median(tot):.2f} "
-              f"({', '.join(f'{x:.2f}' for x in tot)}) | {_median([r['compute_s'] for r in rs]):.1f} | "
-              f"{_median(comp):.2f} | {max(r['peak'] for r in rs):.0f} | {diff:.1e} | "
+        print(f"| {label} | {rs[-1]['backend']} | {median([r['total_s'] for r in rs]):.1f} | {median(tot):.2f} "
+              f"({', '.join(f'{x:.2f}' for x in tot)}) | {median([r['compute_s'] for r in rs]):.1f} | "
+              f"{median(comp):.2f} | {max(r['peak'] for r in rs):.0f} | {diff:.1e} | "
               f"{float(np.mean(mask == ref_m)) * 100:.4f} |")
 
 
