@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -26,9 +27,6 @@ log = logging.getLogger("cdmap")
 M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 1 << 30  # allocations below this come from the heap, and a free top below it is not trimmed
-
-_state: dict[str, bool] = {}
-
 
 def _user_chose() -> str | None:
     if os.environ.get("CDMAP_TUNE_MALLOC", "1") == "0":
@@ -42,27 +40,23 @@ def _user_chose() -> str | None:
     return named[0] if named else None
 
 
+@functools.cache
 def tune_allocator() -> bool:
     """Set glibc's mmap and trim thresholds to :data:`THRESHOLD` once per process; True when they are set.
 
     A no-op (False) off Linux/glibc, or when the user chose an allocator or its settings (see the module doc).
     """
-    if "done" in _state:
-        return _state["done"]
-    _state["done"] = False
     reason = _user_chose() if sys.platform.startswith("linux") else "not Linux"
     if reason is None:
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             gnu = libc.gnu_get_libc_version  # glibc only: musl has no mallopt thresholds
             gnu.restype = ctypes.c_char_p
-            ok = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD))
-            _state["done"] = ok
-            reason = None if ok else "mallopt refused"
-            if ok:
+            if libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD):
                 log.debug("allocator: glibc %s, mmap and trim thresholds %d MiB", gnu().decode(), THRESHOLD >> 20)
+                return True
+            reason = "mallopt refused"
         except (OSError, AttributeError) as exc:
             reason = f"no glibc ({exc})"
-    if reason is not None:
-        log.debug("allocator: left as it is (%s)", reason)
-    return _state["done"]
+    log.debug("allocator: left as it is (%s)", reason)
+    return False

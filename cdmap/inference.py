@@ -223,7 +223,7 @@ class Predictor:
                 try:
                     built = self._build(self.backend, key)
                 except Exception as exc:  # noqa: BLE001 - any failure means: run torch
-                    self._fall_back(_reason(exc))
+                    self._fall_back(_one_line(exc))
                     built = None
             if built is None:
                 return None
@@ -263,7 +263,7 @@ class Predictor:
             try:
                 built = self._build(name, key, sample, timed=True)
             except Exception as exc:  # noqa: BLE001 - a backend that cannot run is not a candidate
-                log.warning("backend %s not used (%s)", name, _reason(exc))
+                log.warning("backend %s not used (%s)", name, _one_line(exc))
                 continue
             if built.speedup is not None:
                 speeds[name] = built.speedup
@@ -285,7 +285,7 @@ class Predictor:
         try:
             return self._build(chosen, key)
         except Exception as exc:  # noqa: BLE001 - any failure means: run torch
-            self._fall_back(_reason(exc))
+            self._fall_back(_one_line(exc))
             return None
 
     def prepare(self, a: np.ndarray, b: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -363,11 +363,6 @@ def _host_batch(x: Any) -> np.ndarray:
     if x.ndim == 3:
         x = x[None]
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _reason(exc: BaseException) -> str:
-    """``Type: first line of the message`` of a backend failure, at most 300 characters."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -35,8 +35,8 @@ def use_channels_last(device: Any, owned: bool = True) -> bool:
 CPU_ATTENTION = {"bf16": "chunked"}
 
 
-# Eval BatchNorm folded into the convolution before it, for networks the predictor owns: 1.09x fp32 on this
-# CPU for the packaged model, P(change) within 1e-6 (benchmarks/RESULTS.md section 6).
+# Eval BatchNorm folded into the convolution before it, for networks the predictor owns: 1.13x fp32 on this
+# CPU for the packaged model, P(change) within 1.5e-5 (benchmarks/RESULTS.md section 6).
 FOLD_BATCHNORM = True
 
 
